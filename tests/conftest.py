@@ -1,0 +1,30 @@
+import pytest
+import timm
+import torch
+
+# Small members of each timm ViT variant the adapter must cover (depth cut for speed).
+VIT_VARIANTS = {
+    "deit_distilled": dict(name="deit_tiny_distilled_patch16_224", depth=4),
+    "dinov2_layerscale": dict(name="vit_small_patch14_dinov2", img_size=98, depth=4),
+    "registers": dict(name="vit_small_patch14_reg4_dinov2", img_size=98, depth=4),
+    "avg_pool": dict(name="vit_tiny_patch16_224", global_pool="avg", depth=4),
+    "qk_norm": dict(name="vit_tiny_patch16_224", qk_norm=True, depth=4),
+}
+
+
+def make_vit(variant: str, seed: int = 0) -> torch.nn.Module:
+    """Random-weight, eval-mode timm ViT of the given variant (deterministic)."""
+    kwargs = dict(VIT_VARIANTS[variant])
+    torch.manual_seed(seed)
+    return timm.create_model(kwargs.pop("name"), pretrained=False, **kwargs).eval()
+
+
+def input_for(model: torch.nn.Module, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    size = model.patch_embed.img_size
+    return torch.randn(batch, 3, *size, generator=generator)
+
+
+@pytest.fixture(params=sorted(VIT_VARIANTS))
+def variant(request) -> str:
+    return request.param

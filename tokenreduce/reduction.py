@@ -1,0 +1,119 @@
+"""The value every method produces at a block: how N tokens become M tokens.
+
+A :class:`Reduction` is a sparse M×N matrix stored as a list of entries
+``(out_index[e], in_index[e])`` per sample. Every method in the library fits it:
+
+* pruning keeps one input per output (``Reduction.select``: a pure gather);
+* merging sends each input to one output, outputs are size-weighted means
+  (``Reduction.merge``: ToMe, MCTF, clustering);
+* fusing / many-to-many transforms give entries explicit feature weights and
+  the share of each input's *mass* (patch count) that each output receives
+  (``Reduction.sparse``: EViT's fused token, Token Transforming).
+
+Features are combined with ``weight`` (or a size-weighted mean); per-token state
+that counts patches (sizes, the source map) is carried with ``mass``. Both are
+applied with one gather and one ``index_add_`` over the entries: O(E·C), never a
+dense N×N product.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def _batch_offsets(index: Tensor, stride: int) -> Tensor:
+    """Flatten a per-sample index [B, E] into rows of a [B*stride, ...] view."""
+    offsets = torch.arange(index.shape[0], device=index.device) * stride
+    return (index + offsets[:, None]).reshape(-1)
+
+
+def _index_sum(values: Tensor, out_index: Tensor, num_out: int) -> Tensor:
+    """out[b, m] = Σ_{e: out_index[b, e] = m} values[b, e]   (values: [B, E, C])."""
+    batch, _, channels = values.shape
+    out = values.new_zeros(batch * num_out, channels)
+    out.index_add_(0, _batch_offsets(out_index, num_out), values.reshape(-1, channels))
+    return out.view(batch, num_out, channels)
+
+
+def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """x[b, index[b, e]] for x: [B, N, C], index: [B, E]."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+@dataclass
+class Reduction:
+    """A sparse map from N input tokens to ``num_out`` output tokens (per sample).
+
+    ``in_index``/``out_index`` are [B, E] (``in_index`` None means entry e reads
+    input e, so E = N). ``weight`` [B, E] multiplies features; None means each
+    output is the mass·size-weighted mean of its inputs. ``mass`` [B, E] is the
+    share of an input's patches the output receives; None means 1.
+    """
+
+    num_out: int
+    out_index: Optional[Tensor]
+    in_index: Optional[Tensor] = None
+    weight: Optional[Tensor] = None
+    mass: Optional[Tensor] = None
+
+    @classmethod
+    def select(cls, index: Tensor) -> "Reduction":
+        """Keep the tokens ``index`` [B, M] (in that order): pruning."""
+        return cls(num_out=index.shape[1], out_index=None, in_index=index)
+
+    @classmethod
+    def merge(cls, out_index: Tensor, num_out: int) -> "Reduction":
+        """Send input n to output ``out_index[:, n]``; outputs are size-weighted means."""
+        return cls(num_out=num_out, out_index=out_index)
+
+    @classmethod
+    def sparse(
+        cls,
+        out_index: Tensor,
+        num_out: int,
+        weight: Tensor,
+        in_index: Optional[Tensor] = None,
+        mass: Optional[Tensor] = None,
+    ) -> "Reduction":
+        """General linear map: output m = Σ weight·x_in over its entries."""
+        return cls(num_out=num_out, out_index=out_index, in_index=in_index, weight=weight, mass=mass)
+
+    @property
+    def is_selection(self) -> bool:
+        return self.out_index is None
+
+    def _entries(self, x: Tensor) -> Tensor:
+        return x if self.in_index is None else _gather_tokens(x, self.in_index)
+
+    def carry(self, state: Tensor) -> Tensor:
+        """Move a per-token quantity that counts patches (sizes [B,N,1], source [B,N,N0])."""
+        if self.is_selection:
+            return _gather_tokens(state, self.in_index)
+        values = self._entries(state)
+        if self.mass is not None:
+            values = values * self.mass.unsqueeze(-1).to(values.dtype)
+        return _index_sum(values, self.out_index, self.num_out)
+
+    def apply(self, x: Tensor, sizes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """Reduce features ``x`` [B,N,C]; returns (x_out, sizes_out [B,M,1]).
+
+        ``sizes`` None stands for all ones (nothing reduced yet).
+        """
+        if sizes is None:
+            sizes = x.new_ones(x.shape[0], x.shape[1], 1)
+        sizes_out = self.carry(sizes)
+        if self.is_selection:
+            return _gather_tokens(x, self.in_index), sizes_out
+        entries = self._entries(x)
+        if self.weight is not None:
+            weighted = entries * self.weight.unsqueeze(-1).to(x.dtype)
+            return _index_sum(weighted, self.out_index, self.num_out), sizes_out
+        # Size-weighted mean: Σ mass·size·x / Σ mass·size.
+        entry_mass = self._entries(sizes).to(x.dtype)
+        if self.mass is not None:
+            entry_mass = entry_mass * self.mass.unsqueeze(-1).to(x.dtype)
+        summed = _index_sum(entries * entry_mass, self.out_index, self.num_out)
+        return summed / sizes_out.to(x.dtype), sizes_out
