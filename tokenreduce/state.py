@@ -14,7 +14,10 @@ class ReductionState:
 
     ``sizes`` [B, N, 1] counts the input patches (and prefix tokens) each token
     stands for; None until the first reduction (all ones). ``source`` [B, N, N0]
-    says which of the N0 input tokens each token covers (only with ``trace_source``).
+    says which of the N0 input tokens each token covers (only with ``trace_source``);
+    ``source_history`` keeps ``(block index, source)`` after every reduction, for
+    visualising each stage. The block index is the number of blocks entered so
+    far minus one: adapters call ``record_tokens`` on entering each block.
     """
 
     def __init__(self, trace_source: bool = False) -> None:
@@ -24,6 +27,7 @@ class ReductionState:
     def reset(self) -> None:
         self.sizes: Optional[Tensor] = None
         self.source: Optional[Tensor] = None
+        self.source_history: list[tuple[int, Tensor]] = []
         self.token_counts: list[int] = []
 
     def record_tokens(self, x: Tensor) -> None:
@@ -36,5 +40,6 @@ class ReductionState:
             if source is None:
                 source = torch.eye(x.shape[1], dtype=x.dtype, device=x.device).expand(x.shape[0], -1, -1)
             self.source = reduction.carry(source)
+            self.source_history.append((len(self.token_counts) - 1, self.source))
         x, self.sizes = reduction.apply(x, self.sizes)
         return x
