@@ -32,6 +32,86 @@ def _attention_bias(state: ReductionState, method: Method, like: Tensor) -> Opti
     return state.sizes.log().to(dtype)[:, None, None, :, 0]
 
 
+def project(attn: Attention, x: Tensor, parts: str = "qkv") -> Tensor:
+    """The rows of timm's fused qkv projection for ``parts`` (a run of "qkv"):
+    [B, N, len(parts)·attn_dim] from one matmul, so q/k and v can be projected
+    from different token sets (MCTF: q, k before merging, v after)."""
+    if parts not in ("qkv", "qk", "kv", "q", "k", "v"):
+        raise ValueError(f"parts={parts!r} must be a contiguous run of 'qkv'")
+    if parts == "qkv":
+        return attn.qkv(x)
+    start = "qkv".index(parts) * attn.attn_dim
+    rows = slice(start, start + len(parts) * attn.attn_dim)
+    bias = None if attn.qkv.bias is None else attn.qkv.bias[rows]
+    return F.linear(x, attn.qkv.weight[rows], bias)
+
+
+def split_heads(attn: Attention, projected: Tensor, parts: str) -> list[Tensor]:
+    """[B, N, len(parts)·attn_dim] → one [B, H, N, D] per letter; q and k normed."""
+    batch, num_tokens, _ = projected.shape
+    heads = projected.reshape(batch, num_tokens, len(parts), attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    norms = {"q": attn.q_norm, "k": attn.k_norm, "v": None}
+    return [h if norms[p] is None else norms[p](h) for p, h in zip(parts, heads.unbind(0))]
+
+
+def attention_probabilities(attn: Attention, q: Tensor, k: Tensor, bias: Optional[Tensor],
+                            in_place: bool = False) -> Tensor:
+    """softmax(q·kᵀ·scale + bias) [B, H, N, N].
+
+    ``in_place`` (only honoured without autograd) normalises the logits buffer
+    itself: on CPU a fresh B·H·N² buffer costs more in page faults than the
+    softmax (equal to ``softmax`` within float rounding, ~1e-7)."""
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits += bias  # in place: one N×N pass less (matmul's backward does not need its output)
+    if not in_place or (torch.is_grad_enabled() and logits.requires_grad):
+        return logits.softmax(dim=-1)
+    logits -= logits.amax(dim=-1, keepdim=True)
+    logits.exp_()
+    logits /= logits.sum(dim=-1, keepdim=True)
+    return logits
+
+
+def attention_gate(attn: Attention, x: Tensor) -> Optional[Tensor]:
+    return attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+
+
+def merge_heads(out: Tensor) -> Tensor:
+    """[B, H, N, D] → [B, N, H·D]."""
+    batch, _, num_tokens, _ = out.shape
+    return out.transpose(1, 2).reshape(batch, num_tokens, -1)
+
+
+def finish_attention(attn: Attention, out: Tensor, gate: Optional[Tensor]) -> Tensor:
+    """timm's tail after the heads are merged ([B, N, attn_dim]): norm, gate, proj."""
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out))
+
+
+def _extras(attn: Attention, q: Tensor, k: Tensor, bias: Optional[Tensor], need: Need, in_place: bool = False) -> dict:
+    """What ``need`` asks for, from q and k; the N×N map only for ``Need.ATTENTION``
+    (otherwise the class-token row alone, q_cls·Kᵀ)."""
+    extras: dict = {}
+    if Need.KEYS in need:
+        extras["keys"] = k
+    if Need.ATTENTION in need:
+        extras["attention"] = attention_probabilities(attn, q, k, bias, in_place)
+        if Need.CLS_ATTENTION in need:
+            extras["cls_attention"] = extras["attention"][:, :, 0]
+    elif Need.CLS_ATTENTION in need:
+        extras["cls_attention"] = attention_probabilities(attn, q[:, :, :1], k, bias)[:, :, 0]
+    return extras
+
+
+def _attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], probs: Optional[Tensor]) -> Tensor:
+    """Heads output [B, H, N, D]: from explicit probabilities when they exist, else SDPA."""
+    if probs is not None:
+        return attn.attn_drop(probs) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+
+
 def attention_with_extras(attn: Attention, x: Tensor, bias: Optional[Tensor], need: Need) -> tuple[Tensor, dict]:
     """timm ``Attention.forward`` that also returns what a method needs.
 
@@ -39,36 +119,51 @@ def attention_with_extras(attn: Attention, x: Tensor, bias: Optional[Tensor], ne
     output comes from SDPA and the class-token row, if needed, is computed alone
     (q_cls·Kᵀ), never the N×N map.
     """
-    batch, num_tokens, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    extras: dict = {}
-    if Need.KEYS in need:
-        extras["keys"] = k
-    if Need.ATTENTION in need:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
-        probs = logits.softmax(dim=-1)
-        extras["attention"] = probs
-        if Need.CLS_ATTENTION in need:
-            extras["cls_attention"] = probs[:, :, 0]
-        out = attn.attn_drop(probs) @ v
-    else:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
-        )
-        if Need.CLS_ATTENTION in need:
-            logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
-            if bias is not None:
-                logits = logits + bias
-            extras["cls_attention"] = logits.softmax(dim=-1)[:, :, 0]
-    out = attn.norm(out.transpose(1, 2).reshape(batch, num_tokens, attn.attn_dim))
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out)), extras
+    gate = attention_gate(attn, x)
+    q, k, v = split_heads(attn, project(attn, x), "qkv")
+    extras = _extras(attn, q, k, bias, need)
+    out = _attend(attn, q, k, v, bias, extras.get("attention"))
+    return finish_attention(attn, merge_heads(out), gate), extras
+
+
+def reduce_then_attend(block: Block, x: Tensor, state: ReductionState, method: Method, index: int, need: Need) -> Tensor:
+    """Stage "before_attention": the method reduces the block input ``x`` from
+    this block's attention on the unreduced tokens; returns the reduced ``x``
+    plus the attention residual computed for the reduced tokens.
+
+    With ``method.one_step_ahead`` the attention of the reduced tokens is the
+    unreduced map merged through the reduction (``merge_attention``), applied as
+    P · spread(v') with v' the values of the reduced tokens, then query rows
+    combined like the tokens: no second q·kᵀ and no M×M map. Otherwise the
+    probabilities only feed the method's (gradient-free) decisions and attention
+    is recomputed exactly on the reduced tokens (timm's attention, SDPA).
+    """
+    attn = block.attn
+    reuse = method.one_step_ahead
+    if reuse:
+        need = need | Need.ATTENTION
+    normed = block.norm1(x)
+    bias = _attention_bias(state, method, x)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and reuse):
+        q, k = split_heads(attn, project(attn, normed, "qk"), "qk")
+        extras = _extras(attn, q, k, bias, need, in_place=True)
+    reduction = method.reduce(BlockTensors(index, x, state.sizes, method.num_prefix_tokens, **extras))
+    if reduction is None:
+        if not reuse:
+            return x + block.drop_path1(block.ls1(attn(normed, attn_mask=bias)))
+        (v,) = split_heads(attn, project(attn, normed, "v"), "v")
+        out = merge_heads(_attend(attn, q, k, v, bias, extras["attention"]))
+        return x + block.drop_path1(block.ls1(finish_attention(attn, out, attention_gate(attn, normed))))
+    sizes = state.sizes
+    x = state.apply(reduction, x)
+    normed = block.norm1(x)
+    if not reuse:
+        attn_out = attn(normed, attn_mask=_attention_bias(state, method, x))
+        return x + block.drop_path1(block.ls1(attn_out))
+    values = reduction.spread(project(attn, normed, "v"), num_in=q.shape[2])
+    (values,) = split_heads(attn, values, "v")
+    out = reduction.apply(merge_heads(attn.attn_drop(extras["attention"]) @ values), sizes)[0]
+    return x + block.drop_path1(block.ls1(finish_attention(attn, out, attention_gate(attn, normed))))
 
 
 class _Patch:
@@ -81,7 +176,9 @@ class _Patch:
 
 
 class ReducingBlock:
-    """Mixin over timm ``Block``: the method's reduction after the attention residual."""
+    """Mixin over timm ``Block``: the method's reduction after the attention
+    residual (stage "after_attention") or of the block input, with this block's
+    attention computed for the reduced tokens (stage "before_attention")."""
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
@@ -91,17 +188,20 @@ class ReducingBlock:
         need = patch.needs[index]
         state, method = patch.state, patch.method
         state.record_tokens(x)
-        bias = _attention_bias(state, method, x)
-        if need is None or need == Need.NOTHING:
-            attn_out, extras = self.attn(self.norm1(x), attn_mask=bias), {}
+        if method.stage == "before_attention" and need:
+            x = reduce_then_attend(self, x, state, method, index, need)
         else:
-            attn_out, extras = attention_with_extras(self.attn, self.norm1(x), bias, need)
-        x = x + self.drop_path1(self.ls1(attn_out))
-        if need is not None:
-            tensors = BlockTensors(index, x, state.sizes, method.num_prefix_tokens, **extras)
-            reduction = method.reduce(tensors)
-            if reduction is not None:
-                x = state.apply(reduction, x)
+            bias = _attention_bias(state, method, x)
+            if need is None or need == Need.NOTHING:
+                attn_out, extras = self.attn(self.norm1(x), attn_mask=bias), {}
+            else:
+                attn_out, extras = attention_with_extras(self.attn, self.norm1(x), bias, need)
+            x = x + self.drop_path1(self.ls1(attn_out))
+            if need is not None and method.stage == "after_attention":
+                tensors = BlockTensors(index, x, state.sizes, method.num_prefix_tokens, **extras)
+                reduction = method.reduce(tensors)
+                if reduction is not None:
+                    x = state.apply(reduction, x)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         if index == method.num_blocks - 1:
             state.record_tokens(x)

@@ -16,6 +16,9 @@ from torch import Tensor
 from ..reduction import Reduction
 
 
+STAGES = ("after_attention", "before_attention")
+
+
 class Need(enum.Flag):
     """What a method reads from the attention layer of a block."""
 
@@ -78,6 +81,13 @@ class Method:
     name: ClassVar[str]
     Options: ClassVar[type]
     requires_class_token: ClassVar[bool] = False
+    # Where the adapter calls ``reduce`` in a block (one of STAGES):
+    # "after_attention": x is the residual stream after the attention residual,
+    #   the reduced tokens go through the MLP (ToMe, EViT);
+    # "before_attention": x is the block input, the attention tensors are this
+    #   block's on the unreduced tokens, and the attention output is computed for
+    #   the reduced tokens (MCTF's one-step-ahead attention).
+    stage: ClassVar[str] = "after_attention"
 
     def __init__(self, options: Options, num_blocks: int, num_prefix_tokens: int) -> None:
         options.validate(num_blocks)
@@ -89,6 +99,13 @@ class Method:
     def proportional_attention(self) -> bool:
         """Whether attention adds log(size) to the logits of each key (option ``prop_attn``)."""
         return bool(getattr(self.options, "prop_attn", False))
+
+    @property
+    def one_step_ahead(self) -> bool:
+        """Stage "before_attention" only: take the attention output of the reduced
+        tokens from this block's probabilities merged through the reduction
+        (option ``one_step_ahead``) instead of recomputing attention on them."""
+        return bool(getattr(self.options, "one_step_ahead", False))
 
     def needs(self, block: int) -> Need:
         """What this method reads from attention at ``block`` (static per block)."""
@@ -109,6 +126,8 @@ def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: make a method available by name to ``apply`` and the tools."""
     if cls.name in _REGISTRY:
         raise ValueError(f"method {cls.name!r} is registered twice")
+    if cls.stage not in STAGES:
+        raise ValueError(f"method {cls.name!r} has stage={cls.stage!r}; allowed: {STAGES}")
     _REGISTRY[cls.name] = cls
     return cls
 

@@ -1,0 +1,344 @@
+"""MCTF: hand-computed scoring rules, the two-way matching, one-step-ahead
+attention, schedules, options, FLOPs and the consistency loss."""
+import math
+
+import pytest
+import timm
+import torch
+
+import tokenreduce
+from tokenreduce.adapters.vit import _ATTR, attention_probabilities
+from tokenreduce.methods.mctf import (
+    bidirectional_matching,
+    consistency_loss,
+    mctf_reduction,
+    mctf_scores,
+    resolve_r,
+    sample_teacher_r,
+)
+from tokenreduce.merging import merge_by_destination
+from tokenreduce.reduction import Reduction, merge_attention
+
+from conftest import input_for, make_vit
+
+INF = math.inf
+OFF = dict(tau_sim=0.0, tau_info=0.0, tau_size=0.0)
+
+
+def uniform_rows(received: list[float], heads: int = 1) -> torch.Tensor:
+    """Attention [1, H, N, N] whose mean over heads and queries is ``received``."""
+    p = torch.tensor(received)
+    return p.expand(1, heads, len(received), len(received)).clone()
+
+
+# ---------------------------------------------------------------- scoring rules
+def test_similarity_score_is_rescaled_cosine_to_the_power_one_over_tau():
+    # positions: 0 = class token (A), 1..4 alternate B, A, B, A
+    x = torch.tensor([[[5.0, 5.0], [1.0, 0.0], [2.0, 0.0], [0.0, 3.0], [-1.0, 0.0]]])
+    scores = mctf_scores(x, None, None, 1, **{**OFF, "tau_sim": 1.0})
+    # A = tokens 0, 2, 4; B = tokens 1, 3; cos(2,1)=1, cos(2,3)=0, cos(4,1)=-1, cos(4,3)=0
+    expected = torch.tensor([[[-INF, -INF], [1.0, 0.5], [0.0, 0.5]]])
+    assert torch.allclose(scores, expected)
+    squared = mctf_scores(x, None, None, 1, **{**OFF, "tau_sim": 0.5})
+    assert torch.allclose(squared[0, 1:], torch.tensor([[1.0, 0.25], [0.0, 0.25]]))
+
+
+def test_informativeness_uses_inverse_attention_received_over_heads_and_queries():
+    # received attention (mean over heads and queries) p = [.4, .1, .2, .25, .05]
+    p = torch.tensor([0.4, 0.1, 0.2, 0.25, 0.05])
+    other = torch.tensor([0.2, 0.3, 0.2, 0.25, 0.05])
+    rows = torch.stack([p, other, 2 * p - other, p, p])  # query rows differ, mean over queries is p
+    attention = torch.stack([rows, 2 * p.expand(5, 5) - rows])[None]  # two heads, mean is p
+    assert torch.allclose(attention.mean(dim=(1, 2)), p[None])
+    scores = mctf_scores(torch.randn(1, 5, 4), attention, None, 1, **{**OFF, "tau_info": 2.0})
+    # 1/p = [2.5, 10, 5, 4, 20] / max 20 -> [.125, .5, .25, .2, 1]; A = (.125, .25, 1), B = (.5, .2)
+    expected = torch.tensor([[0.25 * 0.5, 0.25 * 0.2], [1.0 * 0.5, 1.0 * 0.2]]).sqrt()
+    assert torch.allclose(scores[0, 1:], expected)
+    assert torch.all(scores[0, 0] == -INF)
+
+
+def test_size_score_prefers_small_tokens():
+    sizes = torch.tensor([[1.0, 2.0, 4.0, 1.0, 2.0]]).unsqueeze(-1)
+    scores = mctf_scores(torch.randn(1, 5, 4), None, sizes, 1, **{**OFF, "tau_size": 1.0})
+    # 1/s / max = [1, .5, .25, 1, .5]; A = (1, .25, .5), B = (.5, 1)
+    assert torch.allclose(scores[0, 1:], torch.tensor([[0.125, 0.25], [0.25, 0.5]]))
+
+
+def test_default_score_is_the_product_of_the_three_criteria():
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 8)
+    attention = torch.randn(2, 3, 9, 9).softmax(-1)
+    sizes = torch.randint(1, 4, (2, 9, 1)).float()
+    full = mctf_scores(x, attention, sizes, 1)  # tau 1, 20, 40
+    parts = [
+        mctf_scores(x, attention, sizes, 1, **{**OFF, "tau_sim": 1.0}),
+        mctf_scores(x, attention, sizes, 1, **{**OFF, "tau_info": 20.0}),
+        mctf_scores(x, attention, sizes, 1, **{**OFF, "tau_size": 40.0}),
+    ]
+    assert torch.allclose(full[:, 1:], (parts[0] * parts[1] * parts[2])[:, 1:])
+    assert torch.all(full[:, 0] == -INF)
+
+
+# ---------------------------------------------------------------- matching
+SCORES = torch.tensor([[  # A tokens at positions 0 (class), 2, 4, 6, 8 × B tokens at 1, 3, 5, 7
+    [-INF, -INF, -INF, -INF],
+    [0.9, 0.1, 0.1, 0.1],
+    [0.85, 0.8, 0.1, 0.2],
+    [0.1, 0.1, 0.3, 0.6],
+    [0.1, 0.1, 0.2, 0.1],
+]])
+
+
+def test_bidirectional_matching_by_hand():
+    # r=3: r1=1: token 2 -> 1 (best A score .9). r2=2 on B -> unmerged A (4, 6, 8):
+    # B best: 1 -> 4 (.85), 3 -> 4 (.8), 7 -> 6 (.6), 5 -> 6 (.3): tokens 1 (carrying 2) and 3 go to 4.
+    # Output: class, unmerged A by position (4, 6, 8), unmerged B by score (7, then 5).
+    destination, merged, order = bidirectional_matching(SCORES, 3, 9, 1)
+    assert destination.tolist() == [[0, 4, 4, 4, 4, 5, 6, 7, 8]]
+    assert merged.nonzero()[:, 1].tolist() == [1, 2, 3]
+    reduction = merge_by_destination(destination, merged, order, 6)
+    assert reduction.out_index.tolist() == [[0, 1, 1, 1, 1, 5, 2, 4, 3]]
+    assert reduction.carry(torch.ones(1, 9, 1)).flatten().tolist() == [1, 4, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_prefix_tokens_are_never_merged_and_stay_first(bidirectional):
+    torch.manual_seed(0)
+    x, attention = torch.randn(3, 21, 8), torch.randn(3, 2, 21, 21).softmax(-1)
+    reduction = mctf_reduction(x, attention, None, 8, 5, bidirectional=bidirectional)  # 5 prefix; cap (21-5)//2
+    assert reduction.out_index[:, :5].tolist() == [[0, 1, 2, 3, 4]] * 3
+    assert torch.all(reduction.out_index[:, 5:] >= 5)
+    assert reduction.carry(torch.ones(3, 21, 1)).sum(1).flatten().tolist() == [21.0] * 3
+
+
+def test_one_way_matching_is_tome_order():
+    destination, merged, order = bidirectional_matching(SCORES, 2, 9, 1, bidirectional=False)
+    reduction = merge_by_destination(destination, merged, order, 7)
+    # tokens 2 (.9) and 4 (.85) merge into 1; output: class, 6, 8, then B 1, 3, 5, 7
+    assert reduction.out_index.tolist() == [[0, 3, 3, 4, 3, 5, 1, 6, 2]]
+
+
+def test_merged_tokens_are_attention_times_size_weighted_means():
+    torch.manual_seed(1)
+    x = torch.randn(2, 11, 6)
+    attention = torch.randn(2, 2, 11, 11).softmax(-1)
+    sizes = torch.randint(1, 5, (2, 11, 1)).float()
+    reduction = mctf_reduction(x, attention, sizes, 4, 1)
+    out, out_sizes = reduction.apply(x, sizes)
+    weight = attention.mean(dim=(1, 2)) * sizes[..., 0]
+    group = torch.nn.functional.one_hot(reduction.out_index, 7).float()  # [B, N, M]
+    expected = (group * weight[..., None]).transpose(1, 2) @ x / (group * weight[..., None]).sum(1)[..., None]
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert torch.equal(out_sizes, group.transpose(1, 2) @ sizes)
+    assert torch.equal(out[:, 0], x[:, 0])
+    by_size, _ = mctf_reduction(x, attention, sizes, 4, 1, pooling="size").apply(x, sizes)
+    expected = group.transpose(1, 2) @ (x * sizes) / (group.transpose(1, 2) @ sizes)
+    assert torch.allclose(by_size, expected, atol=1e-6)
+
+
+def test_resolve_r_caps_and_fractions():
+    assert resolve_r(16, 197, 1) == 16
+    assert resolve_r(16, 25, 1) == 12  # (25 - 1) // 2
+    assert resolve_r(16, 20, 1) == 9  # (20 - 1) // 2
+    assert resolve_r(16, 22, 1) == 10  # leaves 12 ... and T - r >= 10: 22 - 12 = 10
+    assert resolve_r(16, 19, 1) == 9 and resolve_r(16, 18, 1) == 8  # keep 10 tokens
+    assert resolve_r(0.35, 197, 1) == 68 and resolve_r(0.35, 129, 1) == 44
+    assert resolve_r(16, 9, 1) == 0
+
+
+# ---------------------------------------------------------------- attention maps
+def test_merge_attention_sums_keys_and_averages_queries():
+    probs = torch.tensor([[[[0.5, 0.2, 0.3], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6]]]])
+    reduction = Reduction.merge(torch.tensor([[0, 1, 1]]), 2)
+    merged = merge_attention(probs, reduction, torch.tensor([[[1.0], [1.0], [3.0]]]))
+    row1 = (1 * torch.tensor([0.1, 0.9]) + 3 * torch.tensor([0.2, 0.8])) / 4
+    assert torch.allclose(merged[0, 0], torch.stack([torch.tensor([0.5, 0.5]), row1]))
+    values = torch.randn(1, 2, 4)
+    assert torch.equal(reduction.spread(values, 3), values[:, [0, 1, 1]])
+    pruned = Reduction.select(torch.tensor([[2, 0]])).spread(values, 3)  # dropped keys get nothing
+    assert torch.equal(pruned, torch.stack([values[0, 1], torch.zeros(4), values[0, 0]])[None])
+
+
+def test_in_place_probabilities_equal_softmax_and_keep_autograd():
+    torch.manual_seed(0)
+    attn = timm.layers.Attention(16, num_heads=2).eval()
+    q, k = torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8, requires_grad=True)
+    bias = torch.rand(2, 1, 1, 7).log()
+    reference = attention_probabilities(attn, q, k, bias)
+    with torch.no_grad():
+        assert torch.allclose(attention_probabilities(attn, q, k, bias, in_place=True), reference, atol=1e-7)
+    with_grad = attention_probabilities(attn, q, k, bias, in_place=True)  # falls back to softmax
+    assert torch.equal(with_grad, reference) and with_grad.grad_fn is not None
+
+
+@pytest.mark.parametrize("one_step_ahead", [True, False])
+def test_block_attention_of_the_merged_tokens(one_step_ahead):
+    """A DINOv2 block (LayerScale) at its second reduction: the adapter's output is
+    the merged map times v' (one-step-ahead) or exact attention on the merged tokens."""
+    model = make_vit("dinov2_layerscale")
+    tokenreduce.apply(model, "mctf", r=5, locations=(1, 2), one_step_ahead=one_step_ahead)
+    state, block, seen = getattr(model, _ATTR).state, model.blocks[2], {}
+    block.register_forward_pre_hook(lambda m, args: seen.update(x=args[0], sizes=state.sizes))
+    block.register_forward_hook(lambda m, args, out: seen.update(out=out))
+    with torch.no_grad():
+        model(input_for(model))
+        x, sizes, attn = seen["x"], seen["sizes"], block.attn
+        batch = x.shape[0]
+        q, k, v = attn.qkv(block.norm1(x)).reshape(batch, -1, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        probs = ((q @ k.transpose(-2, -1)) * attn.scale + sizes.log()[:, None, None, :, 0]).softmax(-1)
+        reduction = mctf_reduction(x, probs, sizes, 5, 1)
+        merged_x, merged_sizes = reduction.apply(x, sizes)
+        normed = block.norm1(merged_x)
+        if one_step_ahead:
+            merged_probs = merge_attention(probs, reduction, sizes)
+            assert torch.allclose(merged_probs.sum(-1), torch.ones(()), atol=1e-5)
+            v = attn.qkv(normed)[..., 2 * attn.attn_dim:].reshape(batch, -1, attn.num_heads, attn.head_dim)
+            attn_out = attn.proj((merged_probs @ v.transpose(1, 2)).transpose(1, 2).flatten(2))
+        else:
+            attn_out = attn(normed, attn_mask=merged_sizes.log()[:, None, None, :, 0])
+        expected = merged_x + block.ls1(attn_out)
+        expected = expected + block.ls2(block.mlp(block.norm2(expected)))
+    assert sizes is not None and seen["out"].shape == expected.shape == (batch, x.shape[1] - 5, x.shape[2])
+    assert torch.allclose(seen["out"], expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------- schedules, options, FLOPs
+def test_schedules_of_the_paper_and_the_fast_variant():
+    model = timm.create_model("deit_tiny_patch16_224").eval()
+    x = torch.randn(1, 3, 224, 224)
+    tokenreduce.apply(model, "mctf")
+    model(x)
+    assert tokenreduce.token_counts(model) == [197, 197] + [197 - 16 * i for i in range(1, 12)]
+    tokenreduce.apply(model, "mctf", r=0.35, locations=(3, 6, 9))
+    model(x)
+    assert tokenreduce.token_counts(model) == [197] * 4 + [129] * 3 + [85] * 3 + [56] * 3
+
+
+def test_available_methods_lists_mctf_defaults():
+    assert tokenreduce.available_methods()["mctf"] == {
+        "r": 16, "locations": None, "tau_sim": 1.0, "tau_info": 20.0, "tau_size": 40.0,
+        "bidirectional": True, "one_step_ahead": True, "pooling": "attention", "prop_attn": True,
+    }
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(r=-1), "r=-1 is out of range"),
+        (dict(r=1.5), "r=1.5 is out of range: allowed [0.0, 1.0)"),
+        (dict(r="16"), "r='16' must be a int"),
+        (dict(locations=[0, 12]), "block indices [12] out of range 0..11"),
+        (dict(tau_info=-1.0), "tau_info=-1.0 is out of range"),
+        (dict(bidirectional="yes"), "bidirectional='yes' must be True or False"),
+        (dict(one_step_ahead=1), "one_step_ahead=1 must be True or False"),
+        (dict(pooling="max"), "pooling='max' must be one of ('attention', 'size')"),
+        (dict(k=1), "unknown option(s) ['k'] for method 'mctf'"),
+    ],
+)
+def test_bad_options_name_the_value_and_what_is_allowed(options, message):
+    model = timm.create_model("deit_tiny_patch16_224", depth=12)
+    with pytest.raises(ValueError) as error:
+        tokenreduce.apply(model, "mctf", **options)
+    assert message in str(error.value)
+
+
+def test_flops_of_deit_small_against_the_paper():
+    model = timm.create_model("deit_small_patch16_224").eval()
+    unreduced = tokenreduce.count_flops(model)
+    tokenreduce.apply(model, "mctf")
+    reduced = tokenreduce.count_flops(model)
+    # paper / official fvcore count 2.60; ours adds P·spread(v') over N keys
+    # instead of the merged M×M map (+0.015) and the merges (index_add, +0.001)
+    assert reduced < unreduced
+    assert reduced == pytest.approx(2.617, abs=0.003)
+    tokenreduce.apply(model, "mctf", r=0.35, locations=(3, 6, 9))
+    assert tokenreduce.count_flops(model) == pytest.approx(2.770, abs=0.003)  # paper: 2.76
+
+
+def test_exact_variant_batched_equals_single():
+    model = make_vit("registers")
+    x = input_for(model, batch=3)
+    tokenreduce.apply(model, "mctf", r=4, one_step_ahead=False, pooling="size", bidirectional=False)
+    batched = model(x)
+    single = torch.cat([model(x[i:i + 1]) for i in range(3)])
+    assert torch.allclose(batched, single, atol=1e-5, rtol=1e-4)
+    assert tokenreduce.token_counts(model) == [54, 54, 50, 46, 42]
+
+
+# ---------------------------------------------------------------- training
+def tiny_vit(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=32, depth=3,
+                             num_heads=2, num_classes=5)
+
+
+def test_sample_teacher_r():
+    generator = torch.Generator().manual_seed(0)
+    ints = {sample_teacher_r(8, generator) for _ in range(200)}
+    assert ints == set(range(8))
+    fractions = {sample_teacher_r(0.15, generator) for _ in range(300)}
+    assert fractions == {i / 100 for i in range(15)}
+    assert sample_teacher_r(0) == 0
+
+
+def test_consistency_loss_terms_and_threshold():
+    model = tiny_vit().eval()
+    tokenreduce.apply(model, "mctf", r=8)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    terms = consistency_loss(model, images, labels, generator=torch.Generator().manual_seed(3), threshold=0.0)
+    r_teacher = sample_teacher_r(8, torch.Generator().manual_seed(3))
+    method = tokenreduce.applied_method(model)
+    with torch.no_grad(), method.reducing_by(r_teacher):
+        teacher = model.forward_features(images)
+    student = model.forward_features(images)
+    assert tokenreduce.token_counts(model)[-1] == 65 - 16  # the student pass ran last
+    logits_t, logits_s = model.forward_head(teacher), model.forward_head(student)
+    ce = torch.nn.functional.cross_entropy
+    assert torch.allclose(terms["student"], ce(logits_s, labels))
+    assert torch.allclose(terms["teacher"], ce(logits_t, labels))
+    consistency = (teacher[:, 0] - student[:, 0]).pow(2).mean(1).mean()
+    assert torch.allclose(terms["consistency"], consistency)
+    assert torch.allclose(terms["loss"], terms["student"] + terms["teacher"] + 3 * terms["consistency"])
+    none_pass = consistency_loss(model, images, labels, threshold=1.0)
+    assert none_pass["consistency"] == 0 and none_pass["pass_rate"] == 0
+    mixed = consistency_loss(model, images, torch.eye(5)[labels] * 0.5 + torch.eye(5)[labels.flip(0)] * 0.5,
+                             labels=(labels, labels.flip(0)), threshold=0.0)
+    assert mixed["pass_rate"] == 1
+    with pytest.raises(ValueError, match="soft targets need labels"):
+        consistency_loss(model, images, torch.eye(5)[labels])
+    with pytest.raises(ValueError, match="needs a model with MCTF applied"):
+        consistency_loss(tokenreduce.apply(tiny_vit(), "tome", r=2), images, labels)
+
+
+def test_training_with_the_consistency_loss_lowers_it():
+    model = tiny_vit().train()
+    tokenreduce.apply(model, "mctf", r=8)
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(8) % 5
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(12):
+        terms = consistency_loss(model, images, labels, generator=generator)
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+        losses.append(terms["loss"].item())
+    assert all(p.grad is not None for p in model.blocks.parameters())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_the_consistency_term_alone_pulls_the_student_to_the_teacher():
+    """r_teacher_max=1: the teacher is the unreduced pass; only the MSE term trains."""
+    model = tiny_vit().train()
+    tokenreduce.apply(model, "mctf", r=8)
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(6):
+        terms = consistency_loss(model, images, torch.arange(8) % 5, r_teacher_max=1, threshold=0.0, weights=(0, 0, 1))
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+        losses.append(terms["consistency"].item())
+    assert 0 < losses[-1] < 0.2 * losses[0]
