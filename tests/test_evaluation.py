@@ -249,3 +249,21 @@ def test_eval_tool_under_torchrun_matches_one_process(tmp_path):
         assert one["nn_agreement"] == two["nn_agreement"]
         assert one["cos_mean"] == pytest.approx(two["cos_mean"], abs=1e-6)
         assert one["cos_p5"] == pytest.approx(two["cos_p5"], abs=1e-6)
+
+
+def test_markdown_results_replace_only_the_marked_readme_section(tmp_path):
+    report = {"weights": "w", "num_images": 2, "data": "/d/imagenette/val", "device": "cpu", "amp": "none",
+              "throughput": {"batch_size": 4},
+              "rows": [{"setting": "none", "top1": 50.0, "gflops": 1.0, "speedup": 1.0},
+                       {"setting": "tome(r=4)", "top1": 40.0, "gflops": 0.5, "speedup": 1.8}]}
+    readme = tmp_path / "README.md"
+    start, end = ev.README_MARKERS
+    readme.write_text(f"# title\n{start}\nold table\n{end}\ntail\n")
+    ev.write_results(readme, report)
+    text = readme.read_text()
+    assert text.startswith(f"# title\n{start}\n") and text.endswith(f"\n{end}\ntail\n")
+    assert "old table" not in text
+    assert "| tome(r=4) | 40.00 | - | 0.500 |" in text and "batch 4, device cpu" in text
+    plain = tmp_path / "table.md"
+    ev.write_results(plain, report)
+    assert plain.read_text().count("\n| ") == 3  # the header and two rows, after the caption

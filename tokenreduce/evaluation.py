@@ -595,14 +595,47 @@ TABLE_COLUMNS = [  # (key, header, format)
 ]
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Aligned plain-text table of comparison rows ('-' where not measured)."""
+def _table_cells(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """Header plus one formatted line per row ('-' where not measured)."""
     def cell(row: dict[str, Any], key: str, fmt: str) -> str:
         value = row.get(key)
         return "-" if value is None or value != value else fmt.format(value)
 
-    table = [[header for _, header, _ in TABLE_COLUMNS]]
-    table += [[cell(row, key, fmt) for key, _, fmt in TABLE_COLUMNS] for row in rows]
+    return [[header for _, header, _ in TABLE_COLUMNS]] + [
+        [cell(row, key, fmt) for key, _, fmt in TABLE_COLUMNS] for row in rows
+    ]
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The comparison as a Markdown table, preceded by what it was measured on."""
+    table = _table_cells(report["rows"])
+    lines = ["| " + " | ".join(line) + " |" for line in table]
+    lines.insert(1, "|" + "---|" * len(table[0]))
+    throughput = report.get("throughput") or {}
+    timing = (f"throughput: batch {throughput.get('batch_size')}, device {report['device']}, amp {report['amp']}"
+              if throughput else "throughput not measured")
+    caption = (f"{report['weights']}; {report['num_images']} images of `{Path(report['data']).name}` "
+               f"({Path(report['data']).parent.name}); {timing}. Written by `tools/eval_imagenet.py`.")
+    return caption + "\n\n" + "\n".join(lines)
+
+
+README_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
+
+
+def write_markdown(path: Path, report: dict[str, Any]) -> None:
+    """Write the Markdown table; into an existing file between README_MARKERS when
+    it has them (so the README's results are the tool's output, not typed by hand)."""
+    start, end = README_MARKERS
+    text = format_markdown(report)
+    if path.exists() and start in (old := path.read_text()) and end in old:
+        head, rest = old.split(start, 1)
+        text = head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1]
+    path.write_text(text if text.endswith("\n") else text + "\n")
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Aligned plain-text table of comparison rows ('-' where not measured)."""
+    table = _table_cells(rows)
     widths = [max(len(line[c]) for line in table) for c in range(len(TABLE_COLUMNS))]
     lines = ["  ".join(text.ljust(w) if c == 0 else text.rjust(w) for c, (text, w) in enumerate(zip(line, widths)))
              for line in table]
@@ -611,10 +644,13 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def write_results(path: Path, report: dict[str, Any]) -> None:
-    """Save a report: the whole of it as JSON, or its rows as CSV when ``path`` ends in .csv."""
+    """Save a report: its rows as CSV (.csv), as a Markdown table (.md, see
+    ``write_markdown``), else the whole of it as JSON."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".csv":
+    if path.suffix.lower() == ".md":
+        write_markdown(path, report)
+    elif path.suffix.lower() == ".csv":
         rows = report["rows"]
         columns = list(dict.fromkeys(key for row in rows for key in row))
         with path.open("w", newline="") as f:

@@ -76,7 +76,7 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.ArgumentParser, argp
     run.add_argument("--throughput-repeats", type=int, default=5, help="interleaved repeats (median taken)")
     run.add_argument("--throughput-warmup", type=int, default=2, help="untimed batches per model first")
     run.add_argument("--out", action="append", default=[], type=Path,
-                     help="write results: .json (everything) or .csv (the table); repeatable")
+                     help="write results: .json (everything), .csv (the table) or .md (a Markdown table, put between the <!-- results:start/end --> markers when the file has them, e.g. README.md); repeatable")
     args = parser.parse_args(argv)
     for name in ("batch_size", "throughput_batches", "throughput_repeats", "limit", "throughput_batch_size"):
         value = getattr(args, name)
