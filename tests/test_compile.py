@@ -1,0 +1,34 @@
+"""torch.compile on patched models: one graph, no breaks, same outputs and state."""
+import pytest
+import timm
+import torch
+
+import tokenreduce
+
+# 2-block settings that reduce at block 1 (or both blocks for the merging schedules)
+SETTINGS = {
+    "tome": dict(r=8),
+    "evit": dict(keep_rate=0.7, locations=(1,)),
+    "mctf": dict(r=8),
+    "zero_tprune": dict(locations=(1,)),
+    "token_transforming": dict(blocks=(1,)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(SETTINGS))
+def test_compiled_patched_model_has_no_graph_breaks(method):
+    assert set(SETTINGS) == set(tokenreduce.available_methods())
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", depth=2).eval()
+    tokenreduce.apply(model, method, **SETTINGS[method])
+    x = torch.randn(2, 3, 224, 224)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(x)
+        eager_counts = tokenreduce.token_counts(model)
+        explanation = torch._dynamo.explain(model)(x)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)(x)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+    assert torch.allclose(compiled, expected, atol=1e-5)
+    assert tokenreduce.token_counts(model) == eager_counts and eager_counts[-1] < eager_counts[0]
