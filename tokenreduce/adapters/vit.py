@@ -9,6 +9,7 @@ tokens carry sizes), so an inactive method is bit-identical to timm.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -17,11 +18,20 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
+from torch.autograd import profiler as _profiler
 
 from ..methods.base import BlockTensors, Method, Need
 from ..state import ReductionState
 
 _ATTR = "_tokenreduce"
+REDUCE_RANGE = "tokenreduce.reduce"  # profiler range: the method scores tokens and builds its Reduction
+APPLY_RANGE = "tokenreduce.apply"  # profiler range: the Reduction moves tokens and sizes (gather / index_add)
+
+
+def _profiled(name: str) -> contextlib.AbstractContextManager:
+    """A ``torch.profiler`` range while a profiler runs, else nothing: no per-call
+    cost in normal runs and nothing for torch.compile to trace."""
+    return torch.profiler.record_function(name) if _profiler._is_profiler_enabled else contextlib.nullcontext()
 
 
 def _attention_bias(state: ReductionState, method: Method, like: Tensor) -> Optional[Tensor]:
@@ -147,7 +157,8 @@ def reduce_then_attend(block: Block, x: Tensor, state: ReductionState, method: M
     with torch.set_grad_enabled(torch.is_grad_enabled() and reuse):
         q, k = split_heads(attn, project(attn, normed, "qk"), "qk")
         extras = _extras(attn, q, k, bias, need, in_place=True)
-    reduction = method.reduce(BlockTensors(index, x, state.sizes, method.num_prefix_tokens, **extras))
+    with _profiled(REDUCE_RANGE):
+        reduction = method.reduce(BlockTensors(index, x, state.sizes, method.num_prefix_tokens, **extras))
     if reduction is None:
         if not reuse:
             return x + block.drop_path1(block.ls1(attn(normed, attn_mask=bias)))
@@ -155,7 +166,8 @@ def reduce_then_attend(block: Block, x: Tensor, state: ReductionState, method: M
         out = merge_heads(_attend(attn, q, k, v, bias, extras["attention"]))
         return x + block.drop_path1(block.ls1(finish_attention(attn, out, attention_gate(attn, normed))))
     sizes = state.sizes
-    x = state.apply(reduction, x)
+    with _profiled(APPLY_RANGE):
+        x = state.apply(reduction, x)
     normed = block.norm1(x)
     if not reuse:
         attn_out = attn(normed, attn_mask=_attention_bias(state, method, x))
@@ -199,9 +211,11 @@ class ReducingBlock:
             x = x + self.drop_path1(self.ls1(attn_out))
             if need is not None and method.stage == "after_attention":
                 tensors = BlockTensors(index, x, state.sizes, method.num_prefix_tokens, **extras)
-                reduction = method.reduce(tensors)
+                with _profiled(REDUCE_RANGE):
+                    reduction = method.reduce(tensors)
                 if reduction is not None:
-                    x = state.apply(reduction, x)
+                    with _profiled(APPLY_RANGE):
+                        x = state.apply(reduction, x)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         if index == method.num_blocks - 1:
             state.record_tokens(x)
