@@ -215,7 +215,7 @@ def test_cli_stages_and_pruned_patches(tmp_path, image_path, tiny_loader):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--opt", "r"], "must look like key=value"),
+    (["--opt", "r"], "must look like name=value"),
     (["--method", "nope"], "unknown method 'nope'"),
     (["--opt", "r=-1"], "r=-1"),
     (["--opt", "r=0"], "reduced no tokens"),

@@ -20,7 +20,6 @@ trace_source=True)``). Blocks are counted from 0, as in the methods' options.
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -294,17 +293,10 @@ def render_stages(
 
 
 def parse_options(items: Sequence[str]) -> dict[str, Any]:
-    """``["r=13", "locations=(3, 6)"]`` → options; values via ast.literal_eval, else kept as text."""
+    """``["r=13", "locations=(3, 6)"]`` → options, parsed as the eval tool parses ``--opt``."""
     options: dict[str, Any] = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise ValueError(f"--opt {item!r} must look like key=value, e.g. r=13 or keep_rate=0.7")
-        try:
-            options[key] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            options[key] = value.strip()
+        options.update(ev.parse_assignments(item))
     return options
 
 
