@@ -460,6 +460,19 @@ def _first_occurrences(index: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- throughput
 
 
+def check_device(text: str) -> torch.device:
+    """``--device`` text as a torch device, or a ValueError saying what is wrong."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -281,18 +281,6 @@ def measure(case: Case, args: argparse.Namespace, device: torch.device, model_ar
     return rows, profile_lines
 
 
-def check_device(parser: argparse.ArgumentParser, text: str) -> torch.device:
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        parser.error(f"--device {text!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {text}: CUDA is not available here; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        parser.error(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -340,7 +328,10 @@ def run(args: argparse.Namespace, device: torch.device, log: Any = print) -> dic
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser, args = parse_args(argv)
-    device = check_device(parser, args.device)
+    try:
+        device = ev.check_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     try:
         run(args, device, log=lambda *a: print(*a, file=sys.stderr, flush=True))
     except ValueError as error:

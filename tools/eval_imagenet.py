@@ -224,11 +224,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     try:
-        device_type = torch.device(args.device).type
-    except RuntimeError:
-        parser.error(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+        ev.check_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     device = ev.init_distributed(args.device)
     try:
         evaluate(args, settings, device)

@@ -10,7 +10,6 @@ tokens carry sizes), so an inactive method is bit-identical to timm.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Optional
 
 import torch
