@@ -267,3 +267,40 @@ def test_markdown_results_replace_only_the_marked_readme_section(tmp_path):
     plain = tmp_path / "table.md"
     ev.write_results(plain, report)
     assert plain.read_text().count("\n| ") == 3  # the header and two rows, after the caption
+
+
+# --------------------------------------------------------------------------- fit_probe tool
+
+
+def load_fit_probe_tool():
+    spec = importlib.util.spec_from_file_location("fit_probe", REPO / "tools" / "fit_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_imagenette
+def test_fit_probe_on_reduced_features_differs_from_the_unreduced_probe(tmp_path, capsys):
+    from safetensors import safe_open
+
+    tool = load_fit_probe_tool()
+    common = ["--model", "vit_tiny_patch16_224", "--data", str(IMAGENETTE_VAL), "--limit", "10",
+              "--workers", "0", "--batch-size", "5", "--max-iter", "50"]
+    probes = {}
+    for setting in (None, "tome:r=8"):
+        out = tmp_path / f"{setting or 'none'}.safetensors"
+        torch.manual_seed(0)
+        assert tool.main([*common, "--out", str(out), *(["--setting", setting] if setting else [])]) == 0
+        with safe_open(str(out), "pt") as f:
+            probes[setting] = (f.get_tensor("weight"), f.metadata()["setting"])
+    assert "reduced with tome(r=8)" in capsys.readouterr().out
+    (plain, plain_tag), (reduced, reduced_tag) = probes[None], probes["tome:r=8"]
+    assert plain.shape == reduced.shape == (10, 192)
+    assert (plain_tag, reduced_tag) == ("none", "tome:r=8")
+    assert not torch.allclose(plain, reduced, atol=1e-4)
+
+
+def test_fit_probe_rejects_an_unknown_setting_option(tmp_path, capsys):
+    tool = load_fit_probe_tool()
+    assert tool.main(["--out", str(tmp_path / "p.safetensors"), "--setting", "tome:k=3"]) == 2
+    assert "unknown option(s) ['k'] for method 'tome'" in capsys.readouterr().err

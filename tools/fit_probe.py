@@ -6,10 +6,12 @@ layouts and preprocessing as tools/eval_imagenet.py), fits multinomial logistic
 regression on standardised features (L-BFGS, L2 with sklearn's C), folds the
 standardisation into the weights and saves safetensors ``weight`` [K, D] and
 ``bias`` [K]: ``logits = features @ weight.T + bias``, labels = the folder's
-class indices.
+class indices. With ``--setting`` the features come from the token-reduced
+model: the cheapest way to let a head adapt to a reduction (no backbone training).
 
   python tools/fit_probe.py --out probe.safetensors     # DINOv2 on the shared Imagenette train split
   python tools/eval_imagenet.py --probe probe.safetensors
+  python tools/fit_probe.py --setting tome:r=21 --out probe_tome21.safetensors
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+import tokenreduce  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -41,6 +44,8 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.ArgumentParser, argp
     parser.add_argument("--crop-pct", type=float, help="centre-crop fraction (default: the model's data config)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"training folder (default {DEFAULT_DATA})")
     parser.add_argument("--limit", type=int, help="use N images evenly spread over the folder")
+    parser.add_argument("--setting", metavar="METHOD[:K=V,...]",
+                        help="fit on the features of the model reduced with this setting, e.g. tome:r=21")
     parser.add_argument("--out", type=Path, required=True, help="probe file to write (.safetensors)")
     parser.add_argument("--C", type=float, default=0.1, help="inverse L2 strength, as in sklearn (default 0.1)")
     parser.add_argument("--max-iter", type=int, default=500, help="L-BFGS iterations")
@@ -59,7 +64,12 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.ArgumentParser, argp
 
 
 def fit(args: argparse.Namespace) -> None:
+    setting = ev.parse_setting(args.setting or "none")
+    ev.validate_setting(setting, tokenreduce.available_methods())
     model, weights = ev.load_model(args.model, args.pretrained, args.img_size)
+    if setting.reduces:
+        model = tokenreduce.apply(model, setting.method, **setting.options)
+        weights += f", reduced with {setting.label}"
     device = torch.device(args.device)
     config = ev.data_config(model, args.crop_pct)
     dataset = ev.ImageDataset(args.data, ev.eval_transform(config), limit=args.limit)
@@ -75,7 +85,7 @@ def fit(args: argparse.Namespace) -> None:
     hits = ev.topk_correct(features @ weight.T + bias, labels)
     print(f"train accuracy: top-1 {100 * hits[:, 0].double().mean().item():.2f} % "
           f"on {len(labels)} images ({weight.shape[0]} classes, {weight.shape[1]}-d features, C={args.C})")
-    metadata = {"model": args.model, "data": str(args.data.resolve()), "C": str(args.C),
+    metadata = {"model": args.model, "setting": args.setting or "none", "data": str(args.data.resolve()), "C": str(args.C),
                 "classes": json.dumps(dataset.classes), "preprocessing": json.dumps(config)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({"weight": weight.contiguous(), "bias": bias.contiguous()}, str(args.out), metadata=metadata)
