@@ -6,6 +6,7 @@ import timm
 import torch
 
 import tokenreduce
+from tokenreduce import evaluation as ev
 from tokenreduce.adapters.vit import attention_with_extras
 from tokenreduce.methods.base import Need
 
@@ -162,3 +163,14 @@ def test_dynamic_img_size_and_deepcopy():
     x = torch.randn(1, 3, 160, 256)
     assert torch.equal(copy_(x), model(x))
     assert tokenreduce.token_counts(model) == [161, 153, 145]
+
+
+@pytest.mark.parametrize("method", ["tome", "evit", "token_transforming"])
+def test_reduction_does_not_raise_the_forward_peak_memory(method):
+    """Keys and attention maps a method read are freed before the MLP (the
+    forward's peak), so reducing tokens never costs memory over timm's forward."""
+    model = make_vit("avg_pool")
+    device = torch.device("cpu")
+    baseline = ev.peak_forward_memory(model, (3, 224, 224), 4, device)
+    reduced = ev.peak_forward_memory(tokenreduce.apply(model, method, **ACTIVE[method]), (3, 224, 224), 4, device)
+    assert 0 < reduced <= baseline

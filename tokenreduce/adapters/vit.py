@@ -130,7 +130,7 @@ def attention_with_extras(attn: Attention, x: Tensor, bias: Optional[Tensor], ne
     """
     gate = attention_gate(attn, x)
     q, k, v = split_heads(attn, project(attn, x), "qkv")
-    extras = _extras(attn, q, k, bias, need)
+    extras = _extras(attn, q, k, bias, need, in_place=True)
     out = _attend(attn, q, k, v, bias, extras.get("attention"))
     return finish_attention(attn, merge_heads(out), gate), extras
 
@@ -177,6 +177,28 @@ def reduce_then_attend(block: Block, x: Tensor, state: ReductionState, method: M
     return x + block.drop_path1(block.ls1(finish_attention(attn, out, attention_gate(attn, normed))))
 
 
+def attend_then_reduce(block: Block, x: Tensor, state: ReductionState, method: Method, index: int,
+                       need: Optional[Need]) -> Tensor:
+    """The attention residual, then (stage "after_attention") the method's reduction.
+
+    A function of its own so that the keys and attention maps it gathered are
+    freed before the MLP runs, not held through the block's peak of memory."""
+    bias = _attention_bias(state, method, x)
+    if need is None or need == Need.NOTHING:
+        attn_out, extras = block.attn(block.norm1(x), attn_mask=bias), {}
+    else:
+        attn_out, extras = attention_with_extras(block.attn, block.norm1(x), bias, need)
+    x = x + block.drop_path1(block.ls1(attn_out))
+    if need is None or method.stage != "after_attention":
+        return x
+    with _profiled(REDUCE_RANGE):
+        reduction = method.reduce(BlockTensors(index, x, state.sizes, method.num_prefix_tokens, **extras))
+    if reduction is None:
+        return x
+    with _profiled(APPLY_RANGE):
+        return state.apply(reduction, x)
+
+
 class _Patch:
     """Per-model record shared by the patched model and its blocks."""
 
@@ -202,19 +224,7 @@ class ReducingBlock:
         if method.stage == "before_attention" and need:
             x = reduce_then_attend(self, x, state, method, index, need)
         else:
-            bias = _attention_bias(state, method, x)
-            if need is None or need == Need.NOTHING:
-                attn_out, extras = self.attn(self.norm1(x), attn_mask=bias), {}
-            else:
-                attn_out, extras = attention_with_extras(self.attn, self.norm1(x), bias, need)
-            x = x + self.drop_path1(self.ls1(attn_out))
-            if need is not None and method.stage == "after_attention":
-                tensors = BlockTensors(index, x, state.sizes, method.num_prefix_tokens, **extras)
-                with _profiled(REDUCE_RANGE):
-                    reduction = method.reduce(tensors)
-                if reduction is not None:
-                    with _profiled(APPLY_RANGE):
-                        x = state.apply(reduction, x)
+            x = attend_then_reduce(self, x, state, method, index, need)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         if index == method.num_blocks - 1:
             state.record_tokens(x)
