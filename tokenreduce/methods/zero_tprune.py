@@ -136,9 +136,12 @@ def restrict_attention(attention: Tensor, index: Tensor) -> Tensor:
     (what softmax over the remaining keys gives)."""
     batch, heads, num_tokens, _ = attention.shape
     size = index.shape[1]
-    rows = attention.gather(2, index[:, None, :, None].expand(batch, heads, size, num_tokens))
-    sub = rows.gather(3, index[:, None, None, :].expand(batch, heads, size, size))
-    return sub / sub.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(sub.dtype).tiny)
+    # One gather of the M×M entries straight from the flattened map: no M×N
+    # intermediate, and the renormalisation happens in place.
+    flat = (index[:, :, None] * num_tokens + index[:, None, :]).reshape(batch, 1, size * size)
+    sub = attention.reshape(batch, heads, num_tokens * num_tokens).gather(2, flat.expand(batch, heads, -1))
+    sub = sub.view(batch, heads, size, size)
+    return sub.div_(sub.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(sub.dtype).tiny))
 
 
 def zero_tprune_reduction(
