@@ -1,5 +1,6 @@
 """MCTF: hand-computed scoring rules, the two-way matching, one-step-ahead
 attention, schedules, options, FLOPs and the consistency loss."""
+import json
 import math
 
 import pytest
@@ -342,3 +343,44 @@ def test_the_consistency_term_alone_pulls_the_student_to_the_teacher():
         optimizer.step()
         losses.append(terms["consistency"].item())
     assert 0 < losses[-1] < 0.2 * losses[0]
+
+
+def load_finetune_tool():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "finetune_mctf.py"
+    spec = importlib.util.spec_from_file_location("finetune_mctf", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_finetune_tool_trains_and_reports_three_rows(tmp_path):
+    from pathlib import Path
+
+    val = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette" / "val"
+    if not val.is_dir():
+        pytest.skip(f"{val} absent")
+    tool = load_finetune_tool()
+    out, save = tmp_path / "ft.json", tmp_path / "ft.safetensors"
+    code = tool.main(["--model", "vit_tiny_patch16_224", "--model-arg", "depth=2", "--setting",
+                      "mctf:r=8,locations=[0,1]", "--train", str(val), "--val", str(val), "--train-limit", "8",
+                      "--val-limit", "6", "--batch-size", "4", "--epochs", "2", "--workers", "0",
+                      "--out", str(out), "--save", str(save)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [row["model"] for row in report["rows"]] == [
+        "unreduced", "mctf(r=8,locations=[0, 1]) (original weights)", "mctf(r=8,locations=[0, 1]) (fine-tuned)"]
+    assert len(report["history"]) == 2 and all(math.isfinite(e["loss"]) for e in report["history"])
+    unreduced, reduced, tuned = report["rows"]
+    assert tuned["gflops"] == reduced["gflops"] < unreduced["gflops"]
+    assert unreduced["cos_mean"] == pytest.approx(1.0) and tuned["cos_mean"] != pytest.approx(reduced["cos_mean"])
+    from safetensors.torch import load_file
+
+    assert "head.weight" in load_file(str(save))
+
+
+def test_finetune_tool_rejects_other_methods(capsys):
+    assert load_finetune_tool().main(["--setting", "tome:r=8"]) == 2
+    assert "the consistency loss trains MCTF" in capsys.readouterr().err
