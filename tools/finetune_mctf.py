@@ -161,11 +161,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     val_loader = ev.make_loader(val_set, args.batch_size, args.workers)
     results = ev.evaluate(models, val_loader, device,
                           progress=lambda b: tqdm(b, desc="evaluating", unit="batch", file=sys.stderr))
-    gflops = tokenreduce.count_flops(reduced, tuple(config["input_size"]))
+    gflops = [tokenreduce.count_flops(m, tuple(config["input_size"])) for m in (original, reduced)]
     rows = []
     for m, name in enumerate(("unreduced", f"{setting.label} (original weights)", f"{setting.label} (fine-tuned)")):
         rows.append({"model": name, **results.accuracy(m), **ev.feature_fidelity(results.features[0], results.features[m]),
-                     "gflops": tokenreduce.count_flops(original, tuple(config["input_size"])) if m == 0 else gflops})
+                     "gflops": gflops[min(m, 1)]})
     print(ev.format_table(rows, [("model", "model", "{}"), ("top1", "top-1", "{:.2f}"), ("top5", "top-5", "{:.2f}"),
                                  ("gflops", "GFLOPs", "{:.3f}"), ("cos_mean", "cos mean", "{:.4f}")]))
     report = {"model": weights, "setting": setting.label, "options": setting.options, "train": str(args.train),
