@@ -14,6 +14,12 @@ Features are combined with ``weight`` (or a size-weighted mean); per-token state
 that counts patches (sizes, the source map) is carried with ``mass``. Both are
 applied with one gather and one ``index_add_`` over the entries: O(E·C), never a
 dense N×N product.
+
+The same entries give the way back (:meth:`Reduction.restore`): every input
+position receives the mass-weighted mean of the outputs it fed, so restore mode
+and dense prediction work for every method without method-specific code. A
+method whose paper reconstructs differently (Expedit's clustering) attaches its
+own map from outputs to inputs as ``inverse``.
 """
 from __future__ import annotations
 
@@ -55,7 +61,10 @@ class Reduction:
     ``in_index``/``out_index`` are [B, E] (``in_index`` None means entry e reads
     input e, so E = N). ``weight`` [B, E] multiplies features; None means each
     output is the mass·size-weighted mean of its inputs. ``mass`` [B, E] is the
-    share of an input's patches the output receives; None means 1.
+    share of an input's patches the output receives; None means 1. ``inverse``,
+    when set, is the map :meth:`restore` uses instead of the transpose: a
+    Reduction from the ``num_out`` outputs to the N inputs whose ``weight``
+    gives each input as a weighted sum of outputs.
     """
 
     num_out: int
@@ -63,6 +72,7 @@ class Reduction:
     in_index: Optional[Tensor] = None
     weight: Optional[Tensor] = None
     mass: Optional[Tensor] = None
+    inverse: Optional["Reduction"] = None
 
     @classmethod
     def select(cls, index: Tensor) -> "Reduction":
@@ -120,6 +130,25 @@ class Reduction:
         if self.in_index is None:
             return values
         return _index_sum(values, self.in_index, num_in)
+
+    def restore(self, y: Tensor, fill: Tensor) -> Tensor:
+        """Outputs ``y`` [B, M, C] back onto the N input positions of ``fill`` [B, N, C].
+
+        An input receives the mass-weighted mean of the outputs it fed: a merged
+        token's output goes to every token it covers, a many-to-many map is read
+        back through its normalised columns; an input that fed no output (pruned)
+        keeps its ``fill`` row. With ``inverse`` set, every input is instead
+        ``inverse``'s weighted sum of the outputs (``fill`` unused)."""
+        if self.inverse is not None:
+            return self.inverse.apply(y, None)[0]
+        num_in = fill.shape[1]
+        if self.is_selection:
+            return fill.scatter(1, self.in_index.unsqueeze(-1).expand(-1, -1, y.shape[-1]), y)
+        if self.in_index is None and self.mass is None:
+            return _gather_tokens(y, self.out_index)  # one entry per input, each of mass 1
+        received = self.spread(y, num_in)
+        total = self.spread(torch.ones_like(y[..., :1]), num_in)
+        return torch.where(total > 0, received / total.clamp_min(torch.finfo(y.dtype).tiny), fill)
 
     def apply(self, x: Tensor, sizes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """Reduce features ``x`` [B,N,C]; returns (x_out, sizes_out [B,M,1]).

@@ -10,17 +10,18 @@ tokens carry sizes), so an inactive method is bit-identical to timm.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 from torch.autograd import profiler as _profiler
 
 from ..methods.base import BlockTensors, Method, Need
-from ..state import ReductionState
+from ..state import Restore, ReductionState
 
 _ATTR = "_tokenreduce"
 REDUCE_RANGE = "tokenreduce.reduce"  # profiler range: the method scores tokens and builds its Reduction
@@ -202,10 +203,17 @@ def attend_then_reduce(block: Block, x: Tensor, state: ReductionState, method: M
 class _Patch:
     """Per-model record shared by the patched model and its blocks."""
 
-    def __init__(self, method: Method, trace_source: bool) -> None:
+    def __init__(self, method: Method, trace_source: bool, restore: Optional[Restore] = None) -> None:
         self.method = method
         self.needs = [method.needs(i) for i in range(method.num_blocks)]
-        self.state = ReductionState(trace_source=trace_source)
+        self.restore = restore
+        self.state = ReductionState(trace_source=trace_source, restore_form=restore and restore.form)
+
+    def restores_after(self, index: int) -> bool:
+        """Whether tokens come back to the full grid at the end of block ``index``."""
+        if self.restore is None:
+            return False
+        return self.restore.at == "block" or index == self.method.num_blocks - 1
 
 
 class ReducingBlock:
@@ -220,14 +228,16 @@ class ReducingBlock:
         index: int = self._tokenreduce_index
         need = patch.needs[index]
         state, method = patch.state, patch.method
-        state.record_tokens(x)
+        if index == 0:
+            state.record_tokens(x)
         if method.stage == "before_attention" and need:
             x = reduce_then_attend(self, x, state, method, index, need)
         else:
             x = attend_then_reduce(self, x, state, method, index, need)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        if index == method.num_blocks - 1:
-            state.record_tokens(x)
+        state.record_tokens(x)
+        if patch.restores_after(index):
+            x = state.restore(x)
         return x
 
 
@@ -239,11 +249,59 @@ class ReducingVisionTransformer:
         getattr(self, _ATTR).state.reset()
         return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
 
-    def forward_intermediates(self, *args, **kwargs):
-        raise NotImplementedError(
-            "forward_intermediates is not available while tokens are reduced (the token grid changes); "
-            "call tokenreduce.remove(model) first"
-        )
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: Optional[Union[int, list[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
+    ):
+        """timm's ``forward_intermediates`` in restore mode: every intermediate is
+        brought back to the full token grid (through the reductions made so far)."""
+        patch: _Patch = getattr(self, _ATTR)
+        if patch.restore is None:
+            raise NotImplementedError(
+                "forward_intermediates needs the full token grid: apply the method with mode='restore' "
+                "(or call tokenreduce.remove(model) first)"
+            )
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r} must be 'NCHW' or 'NLC'")
+        if attn_mask is not None or is_causal:
+            raise ValueError("token reduction cannot follow a user attn_mask / is_causal: the token count changes")
+        patch.state.reset()
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        batch, _, height, width = x.shape
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        intermediates = []
+        for i, block in enumerate(self.blocks[: max_index + 1] if stop_early else self.blocks):
+            x = block(x)
+            if i in take_indices:
+                full = patch.state.restored(x)
+                intermediates.append(self.norm(full) if norm else full)
+        x = patch.state.restore(x)  # stopped early: the final tokens come back too
+        prefix = self.num_prefix_tokens
+        prefix_tokens = [y[:, :prefix] for y in intermediates] if prefix else None
+        intermediates = [y[:, prefix:] for y in intermediates]
+        if output_fmt == "NCHW":
+            grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()
+                             for y in intermediates]
+        if output_dict:
+            result = {"image_intermediates": intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                result["image_features"] = self.norm(x)
+            return result
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
 
     def pool(self, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
         sizes = getattr(self, _ATTR).state.sizes
@@ -292,8 +350,8 @@ def check_model(model: VisionTransformer, method_cls: type[Method]) -> None:
         raise ValueError(f"method {method_cls.name!r} needs a class token, but this model has class_token=False")
 
 
-def install(model: VisionTransformer, method: Method, trace_source: bool) -> None:
-    patch = _Patch(method, trace_source)
+def install(model: VisionTransformer, method: Method, trace_source: bool, restore: Optional[Restore] = None) -> None:
+    patch = _Patch(method, trace_source, restore)
     setattr(model, _ATTR, patch)
     model.__class__ = _subclass(type(model), ReducingVisionTransformer)
     for i, block in enumerate(model.blocks):
