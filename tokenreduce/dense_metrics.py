@@ -95,8 +95,9 @@ class DenseImages(Dataset):
         if not roots:
             raise ValueError("no data folder given")
         self.roots = [Path(root) for root in roots]
-        self.counts = {str(root): len(ev.read_image_list(root)[0]) for root in self.roots}
-        paths = [path for root in self.roots for path, _ in ev.read_image_list(root)[0]]
+        listings = [[path for path, _ in ev.read_image_list(root)[0]] for root in self.roots]
+        self.counts = {str(root): len(listing) for root, listing in zip(self.roots, listings)}
+        paths = [path for listing in listings for path in listing]
         self.total = len(paths)
         self.paths = [paths[i] for i in ev.evenly_spaced(len(paths), limit)]
         self.transform = transform
