@@ -151,10 +151,13 @@ def result_rows(settings: list[ev.Setting], models: list[nn.Module], agreements:
 
 
 def format_markdown(report: dict[str, Any]) -> str:
-    """The rows as a Markdown table, preceded by what they were measured on."""
-    table = ev._table_cells(report["rows"], TABLE_COLUMNS)
-    lines = ["| " + " | ".join(line) + " |" for line in table]
-    lines.insert(1, "|" + "---|" * len(table[0]))
+    """The rows as a Markdown table ('-' where not measured), preceded by what they were measured on."""
+    def cell(row: dict[str, Any], key: str, fmt: str) -> str:
+        value = row.get(key)
+        return "-" if value is None or value != value else fmt.format(value)
+
+    lines = ["| " + " | ".join(header for _, header, _ in TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(cell(row, key, fmt) for key, _, fmt in TABLE_COLUMNS) + " |" for row in report["rows"]]
     throughput = report.get("throughput") or {}
     timing = (f"throughput: batch {throughput['batch_size']}, device {report['device']}, amp {report['amp']}"
               if throughput else "throughput not measured")
