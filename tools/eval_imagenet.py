@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import models  # noqa: E402,F401  (registers the repository's backbones with timm: vim_*)
 import tokenreduce  # noqa: E402
 from tokenreduce import evaluation as ev  # noqa: E402
 
