@@ -245,3 +245,20 @@ def test_need_flags_the_vim_adapter_gives():
 
     assert vim.PROVIDES == Need.KEYS | Need.IMPORTANCE
     assert get_method_class("top_vim").requires_class_token
+
+
+@pytest.mark.slow
+def test_reduced_vim_exports_and_compiles_with_the_eager_outputs():
+    model = make_vim(depth=3)
+    x = input_for(model)
+    tokenreduce.apply(model, "top_vim", keep_rate=0.7, locations=(0, 1))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(x)
+        program = torch.export.export(model, (x,))
+        explanation = torch._dynamo.explain(model)(x)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)(x)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+    torch.testing.assert_close(program.module()(x), expected)
+    torch.testing.assert_close(compiled, expected)
+    assert tokenreduce.token_counts(model) == [17, 13, 9, 9]
