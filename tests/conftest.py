@@ -19,10 +19,38 @@ def make_vit(variant: str, seed: int = 0) -> torch.nn.Module:
     return timm.create_model(kwargs.pop("name"), pretrained=False, **kwargs).eval()
 
 
+def make_vim(depth: int = 4, embed_dim: int = 16, img_size: int = 64, seed: int = 0) -> torch.nn.Module:
+    """Random-weight, eval-mode Vision Mamba built by the Vim-T code at a tiny size
+    (16 patches + the middle class token)."""
+    import models  # noqa: F401  (registers vim_*)
+
+    torch.manual_seed(seed)
+    return timm.create_model("vim_tiny_patch16_224", depth=depth, embed_dim=embed_dim, img_size=img_size).eval()
+
+
 def input_for(model: torch.nn.Module, batch: int = 2, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     size = model.patch_embed.img_size
     return torch.randn(batch, 3, *size, generator=generator)
+
+
+def assert_remove_restores_exactly(model: torch.nn.Module, x: torch.Tensor, apply) -> None:
+    """``apply(model)`` changes the outputs but no state-dict key; ``tokenreduce.remove``
+    gives back the classes, attributes and outputs bit for bit."""
+    import tokenreduce
+
+    expected = model(x)
+    classes = [type(m) for m in model.modules()]
+    attributes = [sorted(vars(m)) for m in model.modules()]
+    keys = list(model.state_dict())
+    apply(model)
+    assert list(model.state_dict()) == keys
+    reduced = model(x)
+    assert reduced.shape == expected.shape and not torch.equal(reduced, expected)
+    tokenreduce.remove(model)
+    assert [type(m) for m in model.modules()] == classes
+    assert [sorted(vars(m)) for m in model.modules()] == attributes
+    assert torch.equal(model(x), expected)
 
 
 @pytest.fixture(params=sorted(VIT_VARIANTS))

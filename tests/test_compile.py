@@ -12,6 +12,7 @@ SETTINGS = {
     "mctf": dict(r=8),
     "zero_tprune": dict(locations=(1,)),
     "token_transforming": dict(blocks=(1,)),
+    "top_vim": dict(locations=(1,), align=False),  # on a ViT: class attention, no scan to align
 }
 
 

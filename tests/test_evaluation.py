@@ -304,3 +304,14 @@ def test_fit_probe_rejects_an_unknown_setting_option(tmp_path, capsys):
     tool = load_fit_probe_tool()
     assert tool.main(["--out", str(tmp_path / "p.safetensors"), "--setting", "tome:k=3"]) == 2
     assert "unknown option(s) ['k'] for method 'tome'" in capsys.readouterr().err
+
+
+def test_eval_tool_counts_the_tokens_of_vim_models():
+    from conftest import make_vim
+
+    tool = load_eval_tool()
+    model = make_vim(depth=3)
+    assert tool.token_counts(model) == [17] * 4
+    tokenreduce.apply(model, "top_vim", keep_rate=0.5, locations=(1,))
+    model(torch.zeros(1, 3, 64, 64))
+    assert tool.token_counts(model) == [17, 17, 9, 9]

@@ -88,3 +88,27 @@ def test_bipartite_matching_merges_the_duplicate_pair():
     metric = torch.tensor([[[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0.01, 1], [-1, -1, 0]]])
     reduction = bipartite_soft_matching(metric, 1, 1)
     assert reduction.out_index.tolist() == [[0, 2, 3, 3, 1]]
+
+
+def test_reorder_composes_input_and_output_permutations_into_one_map():
+    """reorder(inputs, outputs) == permute the inputs, reduce, permute the outputs, for every kind of map."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 3)
+    sizes = torch.rand(2, 6, 1) + 0.5
+    inputs = torch.stack([torch.randperm(6) for _ in range(2)])
+    gather = lambda t, index: t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+    reductions = [
+        Reduction.select(torch.tensor([[4, 0, 2], [1, 5, 3]])),
+        Reduction.merge(torch.tensor([[0, 1, 2, 1, 0, 2], [2, 2, 1, 0, 0, 1]]), num_out=3),
+        Reduction.sparse(torch.tensor([[0, 1, 1, 2, 2, 2], [0, 0, 1, 1, 2, 2]]), 3, weight=torch.rand(2, 6)),
+        Reduction.sparse(torch.tensor([[0, 1, 2, 2], [2, 1, 0, 0]]), 3, in_index=torch.tensor([[5, 1, 0, 3], [2, 2, 4, 0]]),
+                         mass=torch.rand(2, 4)),
+    ]
+    for reduction in reductions:
+        outputs = torch.stack([torch.randperm(3) for _ in range(2)])
+        expected, expected_sizes = reduction.apply(gather(x, inputs), gather(sizes, inputs))
+        out, out_sizes = reduction.reorder(inputs, outputs).apply(x, sizes)
+        assert torch.allclose(out, gather(expected, outputs), atol=1e-6)
+        assert torch.allclose(out_sizes, gather(expected_sizes, outputs), atol=1e-6)
+        only_outputs = reduction.reorder(outputs=outputs).apply(x, sizes)[0]
+        assert torch.allclose(only_outputs, gather(reduction.apply(x, sizes)[0], outputs), atol=1e-6)

@@ -248,3 +248,15 @@ def test_plot_pareto_rejects_files_without_the_fields(bench, tmp_path, capsys):
     assert plot_pareto.main([str(tmp_path / "eval_absent.json"), "--out", str(tmp_path / "p.png")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert not (tmp_path / "p.png").exists()
+
+
+def test_benchmark_takes_the_vim_models():
+    argv = ["--model", "vim_tiny_patch16_224", "--model-arg", "depth=2", "--model-arg", "embed_dim=16",
+            "--img-size", "64", "--device", "cpu", "--batch-size", "2", "--repeats", "1", "--warmup", "0",
+            "--batches", "1", "--no-memory", "--setting", "top_vim:keep_rate=0.5,locations=[0]",
+            "--setting", "tome:r=2,prop_attn=False"]
+    args = benchmark.parse_args(argv)[1]
+    report = benchmark.run(args, torch.device("cpu"), log=lambda *a: None)
+    assert [(r["setting"], r["token_counts"]) for r in report["rows"]] == [
+        ("top_vim(keep_rate=0.5,locations=[0])", [17, 9, 9]), ("tome(r=2,prop_attn=False)", [17, 15, 13])]
+    assert all(0 < r["gflops"] < r["gflops_baseline"] for r in report["rows"])

@@ -10,7 +10,7 @@ from tokenreduce import evaluation as ev
 from tokenreduce.adapters.vit import attention_with_extras
 from tokenreduce.methods.base import Need
 
-from conftest import input_for, make_vit
+from conftest import assert_remove_restores_exactly, input_for, make_vit
 
 # Per method: an active setting for a 4-block model, and a setting that reduces nothing.
 ACTIVE = {
@@ -43,19 +43,7 @@ def test_no_reduction_is_bit_identical(variant, method):
 @pytest.mark.parametrize("method", sorted(ACTIVE))
 def test_remove_restores_the_original_exactly(variant, method):
     model = make_vit(variant)
-    x = input_for(model)
-    expected = model(x)
-    classes = [type(m) for m in model.modules()]
-    attributes = [sorted(vars(m)) for m in model.modules()]
-    keys = list(model.state_dict())
-    tokenreduce.apply(model, method, **ACTIVE[method])
-    assert list(model.state_dict()) == keys
-    reduced = model(x)
-    assert reduced.shape == expected.shape and not torch.equal(reduced, expected)
-    tokenreduce.remove(model)
-    assert [type(m) for m in model.modules()] == classes
-    assert [sorted(vars(m)) for m in model.modules()] == attributes
-    assert torch.equal(model(x), expected)
+    assert_remove_restores_exactly(model, input_for(model), lambda m: tokenreduce.apply(m, method, **ACTIVE[method]))
 
 
 @pytest.mark.parametrize("method", sorted(ACTIVE))

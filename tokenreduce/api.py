@@ -14,7 +14,7 @@ MODES = ("reduce", "restore")
 
 def _adapter_holding(model: nn.Module):
     for adapter in ADAPTERS:
-        if adapter.method_of(model) is not None:
+        if adapter.is_supported(model) and adapter.method_of(model) is not None:
             return adapter
     return None
 
@@ -43,11 +43,11 @@ def apply(model: nn.Module, method: str, *, mode: str = "reduce", restore_at: st
     method_cls = get_method_class(method)
     built = method_cls(
         build_options(method_cls, options),
-        num_blocks=len(model.blocks),
-        num_prefix_tokens=model.num_prefix_tokens,
+        num_blocks=adapter.num_blocks(model),
+        num_prefix_tokens=adapter.num_prefix_tokens(model),
     )
     remove(model)
-    adapter.check_model(model, method_cls)
+    adapter.check_model(model, built)
     adapter.install(model, built, trace_source=trace_source, restore=restore)
     return model
 

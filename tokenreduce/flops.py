@@ -1,7 +1,7 @@
 """FLOP counting with fvcore, including the ops it skips by default.
 
 Convention (fvcore's): one multiply-add counts as one FLOP, so numbers compare
-with papers that report GMACs as "GFLOPs" (DeiT-S: 4.6).
+with papers that report GMACs as "GFLOPs" (DeiT-S: 4.6; Vim-S: 5.1).
 """
 from __future__ import annotations
 
@@ -29,10 +29,21 @@ def index_add_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
     return prod(get_shape(inputs[3]))
 
 
+def selective_scan_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
+    """``tokenreduce::selective_scan`` (Mamba's S6): per token, channel and state
+    one multiply-add for the state update (h = exp(δA)·h + δBu) and one for the
+    read-out (C·h). Like the attention handle, which counts Q·Kᵀ and P·V but not
+    the softmax, the element-wise work around them (the discretisation exp(δA)
+    and δ·B·u, the D skip, the SiLU gate) is not counted."""
+    batch, channels, length = get_shape(inputs[0])
+    return 2 * batch * channels * length * get_shape(inputs[2])[-1]
+
+
 EXTRA_HANDLES = {
     "aten::scaled_dot_product_attention": sdpa_flop_jit,
     "aten::index_add": index_add_flop_jit,
     "aten::index_add_": index_add_flop_jit,
+    "tokenreduce::selective_scan": selective_scan_flop_jit,
 }
 
 

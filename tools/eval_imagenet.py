@@ -29,8 +29,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import models  # noqa: E402,F401  (registers the repository's backbones with timm: vim_*)
 import tokenreduce  # noqa: E402
 from tokenreduce import evaluation as ev  # noqa: E402
+from tokenreduce.adapters import adapter_for  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "imagenette"
 DEFAULT_DATA = SHARED / "val"
@@ -133,7 +135,7 @@ def token_counts(model: nn.Module) -> list[int]:
     """Tokens entering block 0 and leaving each block (constant for the unreduced model)."""
     if tokenreduce.applied_method(model) is not None:
         return tokenreduce.token_counts(model)
-    return [model.patch_embed.num_patches + model.num_prefix_tokens] * (len(model.blocks) + 1)
+    return [model.patch_embed.num_patches + model.num_prefix_tokens] * (adapter_for(model).num_blocks(model) + 1)
 
 
 def describe_preprocessing(config: dict[str, Any]) -> str:

@@ -1,7 +1,7 @@
 """Backbone adapters: each knows where a method runs inside one model family."""
-from . import vit
+from . import vim, vit
 
-ADAPTERS = (vit,)
+ADAPTERS = (vit, vim)
 
 
 def adapter_for(model) -> object:
@@ -11,5 +11,5 @@ def adapter_for(model) -> object:
             return adapter
     raise ValueError(
         f"{type(model).__name__} is not supported; supported model families: timm VisionTransformer "
-        "(ViT, DeiT, DINOv2, register-token ViTs)"
+        "(ViT, DeiT, DINOv2, register-token ViTs), Vision Mamba (models/vim.py)"
     )

@@ -10,7 +10,7 @@ tokens carry sizes), so an inactive method is bit-identical to timm.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -102,8 +102,11 @@ def finish_attention(attn: Attention, out: Tensor, gate: Optional[Tensor]) -> Te
 
 def _extras(attn: Attention, q: Tensor, k: Tensor, bias: Optional[Tensor], need: Need, in_place: bool = False) -> dict:
     """What ``need`` asks for, from q and k; the N×N map only for ``Need.ATTENTION``
-    (otherwise the class-token row alone, q_cls·Kᵀ)."""
+    (otherwise the class-token row alone, q_cls·Kᵀ). Token importance is the
+    class-token row averaged over heads."""
     extras: dict = {}
+    if Need.IMPORTANCE in need:
+        need = need | Need.CLS_ATTENTION
     if Need.KEYS in need:
         extras["keys"] = k
     if Need.ATTENTION in need:
@@ -112,6 +115,8 @@ def _extras(attn: Attention, q: Tensor, k: Tensor, bias: Optional[Tensor], need:
             extras["cls_attention"] = extras["attention"][:, :, 0]
     elif Need.CLS_ATTENTION in need:
         extras["cls_attention"] = attention_probabilities(attn, q[:, :, :1], k, bias)[:, :, 0]
+    if Need.IMPORTANCE in need:
+        extras["importance"] = extras["cls_attention"].mean(dim=1)
     return extras
 
 
@@ -333,7 +338,15 @@ def is_supported(model: nn.Module) -> bool:
     return isinstance(model, VisionTransformer)
 
 
-def check_model(model: VisionTransformer, method_cls: type[Method]) -> None:
+def num_blocks(model: VisionTransformer) -> int:
+    return len(model.blocks)
+
+
+def num_prefix_tokens(model: VisionTransformer) -> int:
+    return model.num_prefix_tokens
+
+
+def check_model(model: VisionTransformer, method: Method) -> None:
     """Refuse models this adapter would run wrongly, naming the reason."""
     for i, block in enumerate(model.blocks):
         if type(block) is not Block:
@@ -346,27 +359,42 @@ def check_model(model: VisionTransformer, method_cls: type[Method]) -> None:
             )
     if model.attn_pool is not None:
         raise ValueError(f"global_pool={model.global_pool!r} (attention pooling) is not supported with token reduction")
-    if method_cls.requires_class_token and model.cls_token is None:
-        raise ValueError(f"method {method_cls.name!r} needs a class token, but this model has class_token=False")
+    needs_importance = any(Need.IMPORTANCE in method.needs(i) for i in range(method.num_blocks))
+    if (method.requires_class_token or needs_importance) and model.cls_token is None:
+        raise ValueError(f"method {method.name!r} needs a class token, but this model has class_token=False")
+    if method.scan_alignment:
+        raise ValueError(f"method {method.name!r} with align=True aligns a state-space scan, but a ViT has no scan: "
+                         "pass align=False")
 
 
-def install(model: VisionTransformer, method: Method, trace_source: bool, restore: Optional[Restore] = None) -> None:
-    patch = _Patch(method, trace_source, restore)
+def patch_classes(model: nn.Module, blocks: Sequence[nn.Module], patch: object, model_mixin: type,
+                  block_mixin: type) -> None:
+    """Swap the classes of ``model`` and its ``blocks`` for reducing subclasses that
+    share ``patch``; parameters and state-dict keys stay as they are."""
     setattr(model, _ATTR, patch)
-    model.__class__ = _subclass(type(model), ReducingVisionTransformer)
-    for i, block in enumerate(model.blocks):
+    model.__class__ = _subclass(type(model), model_mixin)
+    for i, block in enumerate(blocks):
         setattr(block, _ATTR, patch)
         block._tokenreduce_index = i
-        block.__class__ = _subclass(type(block), ReducingBlock)
+        block.__class__ = _subclass(type(block), block_mixin)
 
 
-def uninstall(model: VisionTransformer) -> None:
-    for block in model.blocks:
+def unpatch_classes(model: nn.Module, blocks: Sequence[nn.Module]) -> None:
+    """Undo ``patch_classes``: the original classes, no added attributes."""
+    for block in blocks:
         _restore_class(block)
         del block._tokenreduce_index
         delattr(block, _ATTR)
     _restore_class(model)
     delattr(model, _ATTR)
+
+
+def install(model: VisionTransformer, method: Method, trace_source: bool, restore: Optional[Restore] = None) -> None:
+    patch_classes(model, model.blocks, _Patch(method, trace_source, restore), ReducingVisionTransformer, ReducingBlock)
+
+
+def uninstall(model: VisionTransformer) -> None:
+    unpatch_classes(model, model.blocks)
 
 
 def state_of(model: nn.Module) -> Optional[ReductionState]:

@@ -20,12 +20,17 @@ STAGES = ("after_attention", "before_attention")
 
 
 class Need(enum.Flag):
-    """What a method reads from the attention layer of a block."""
+    """What a method reads from the token mixer of a block (attention in a ViT).
+
+    Each adapter declares which of these its blocks can give; a method that
+    needs more is refused by name.
+    """
 
     NOTHING = 0
-    KEYS = enum.auto()  # k [B, H, N, D] (after q/k norm)
+    KEYS = enum.auto()  # per-token features to match on [B, H, N, D]: attention keys (after q/k norm)
     CLS_ATTENTION = enum.auto()  # softmax row of the class token [B, H, N]
     ATTENTION = enum.auto()  # full probabilities [B, H, N, N]
+    IMPORTANCE = enum.auto()  # per-token importance [B, N], >= 0, summing to 1 over the tokens
 
 
 @dataclass
@@ -39,6 +44,7 @@ class BlockTensors:
     keys: Optional[Tensor] = None
     cls_attention: Optional[Tensor] = None
     attention: Optional[Tensor] = None
+    importance: Optional[Tensor] = None  # ViT: the head-mean class-attention row; Vim: the SSM output's
 
 
 class Options:
@@ -107,8 +113,15 @@ class Method:
         (option ``one_step_ahead``) instead of recomputing attention on them."""
         return bool(getattr(self.options, "one_step_ahead", False))
 
+    @property
+    def scan_alignment(self) -> bool:
+        """State-space backbones: after tokens are removed, scan with each token's
+        state decay scaled by the original scan steps it stands for (option
+        ``align``; ToP-ViM's pruning-aware hidden-state alignment)."""
+        return bool(getattr(self.options, "align", False))
+
     def needs(self, block: int) -> Need:
-        """What this method reads from attention at ``block`` (static per block)."""
+        """What this method reads from the token mixer at ``block`` (static per block)."""
         raise NotImplementedError
 
     def reduce(self, inputs: BlockTensors) -> Optional[Reduction]:

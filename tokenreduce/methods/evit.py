@@ -15,6 +15,12 @@ already added this does not change any output (attention is permutation
 equivariant), and it keeps token order meaningful for dense prediction and
 visualisation. With more prefix tokens (distillation, registers) all of them
 are kept in front and only patch tokens are candidates.
+
+The method reads ``Need.IMPORTANCE``: on a ViT that is exactly the head-mean
+class-attention row above; on a Vision Mamba it is the SSM output's token
+importance (``tokenreduce.adapters.vim``), so the same rule prunes a Vim
+(keep ``fuse=False`` there unless a fused token placed by the mean position of
+the tokens it absorbs suits the scan).
 """
 from __future__ import annotations
 
@@ -43,11 +49,12 @@ class EViTOptions(Options):
                 raise ValueError(f"{flag}={getattr(self, flag)!r} must be True or False")
 
 
-def evit_reduction(cls_attention: torch.Tensor, keep: int, num_prefix_tokens: int, fuse: bool) -> Reduction:
-    """Keep the ``keep`` patch tokens with the highest class attention ([B, N],
-    head-averaged), in spatial order; optionally fuse the rest into one token."""
-    batch, num_tokens = cls_attention.shape
-    candidates = cls_attention[:, num_prefix_tokens:]
+def evit_reduction(importance: torch.Tensor, keep: int, num_prefix_tokens: int, fuse: bool) -> Reduction:
+    """Keep the ``keep`` patch tokens of highest importance ([B, N]: the class
+    attention averaged over heads), in spatial order; optionally fuse the rest
+    into one token weighted by their importance."""
+    batch, num_tokens = importance.shape
+    candidates = importance[:, num_prefix_tokens:]
     top = candidates.topk(keep, dim=1, sorted=False).indices
     prefix = torch.arange(num_prefix_tokens, device=top.device).expand(batch, -1)
     if not fuse:
@@ -73,13 +80,21 @@ class EViT(Method):
 
     def needs(self, block: int) -> Need:
         active = block in self.options.locations and self.options.keep_rate < 1
-        return Need.CLS_ATTENTION if active else Need.NOTHING
+        return Need.IMPORTANCE if active else Need.NOTHING
+
+    @property
+    def fuse(self) -> bool:
+        return self.options.fuse
+
+    def num_kept(self, num_candidates: int) -> int:
+        """Patch tokens kept out of ``num_candidates``: ceil(keep_rate·N)."""
+        return math.ceil(self.options.keep_rate * num_candidates)
 
     def reduce(self, inputs: BlockTensors) -> Optional[Reduction]:
-        if inputs.cls_attention is None:
+        if inputs.importance is None:
             return None
         num_candidates = inputs.x.shape[1] - self.num_prefix_tokens
-        keep = math.ceil(self.options.keep_rate * num_candidates)
-        if keep >= num_candidates:
+        keep = self.num_kept(num_candidates)
+        if not 0 < keep < num_candidates:
             return None
-        return evit_reduction(inputs.cls_attention.mean(dim=1), keep, self.num_prefix_tokens, self.options.fuse)
+        return evit_reduction(inputs.importance, keep, self.num_prefix_tokens, self.fuse)
