@@ -174,13 +174,13 @@ def test_settings_parse_literals_and_reject_unknown_names():
 def test_cli_builds_settings_from_every_form():
     tool = load_eval_tool()
     methods = tokenreduce.available_methods()
-    _, args = tool.parse_args(["--setting", "tome:r=4", "--method", "tome", "--method", "evit", "--r", "8",
-                               "--keep-rate", "0.5", "--opt", "prop_attn=False"])
+    _, args = tool.parse_args(["--setting", "tome:r=4", "--method", "tome", "--method", "evit", "--opt", "r=8",
+                               "--opt", "keep_rate=0.5", "--opt", "prop_attn=False"])
     labels = [s.label for s in tool.build_settings(args, methods)]
     assert labels == ["none", "tome(r=4)", "tome(r=8,prop_attn=False)", "evit(keep_rate=0.5,prop_attn=False)"]
     _, args = tool.parse_args([])
     assert [s.label for s in tool.build_settings(args, methods)] == ["none", "tome", "evit"]
-    _, args = tool.parse_args(["--method", "tome", "--keep-rate", "0.5"])
+    _, args = tool.parse_args(["--method", "tome", "--opt", "keep_rate=0.5"])
     with pytest.raises(ValueError, match="accepted by none"):
         tool.build_settings(args, methods)
 
@@ -217,6 +217,8 @@ def test_eval_tool_end_to_end(tmp_path):
                            "--limit", "8", "--throughput-batches", "1", "--throughput-repeats", "2",
                            "--throughput-warmup", "1", "--out", str(tmp_path / "r.csv"))
     assert report["num_images"] == 8 and report["num_classes"] == 1000 and report["world_size"] == 1
+    assert report["total_images"] == 1966 and report["limit"] == 8 and report["unreadable"] == []
+    assert {"count FLOPs", "accuracy pass", "throughput"} <= set(report["seconds"])
     assert report["preprocessing"]["input_size"] == [3, 224, 224]
     baseline, tome = report["rows"]
     assert [baseline["setting"], tome["setting"]] == ["none", "tome(r=4)"]

@@ -227,7 +227,7 @@ def test_available_methods_lists_mctf_defaults():
     [
         (dict(r=-1), "r=-1 is out of range"),
         (dict(r=1.5), "r=1.5 is out of range: allowed [0.0, 1.0)"),
-        (dict(r="16"), "r='16' must be a int"),
+        (dict(r="16"), "r='16' must be an int"),
         (dict(locations=[0, 12]), "block indices [12] out of range 0..11"),
         (dict(tau_info=-1.0), "tau_info=-1.0 is out of range"),
         (dict(bidirectional="yes"), "bidirectional='yes' must be True or False"),

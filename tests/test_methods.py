@@ -52,7 +52,7 @@ def test_available_methods_lists_defaults():
     "method, options, message",
     [
         ("tome", dict(r=-1), "r=-1 is out of range"),
-        ("tome", dict(r=2.5), "r=2.5 must be a int"),
+        ("tome", dict(r=2.5), "r=2.5 must be an int"),
         ("tome", dict(r=[1] * 20), "has 20 entries but the model has 12 blocks"),
         ("tome", dict(r=(8, 3.0)), "inflection=3.0 is out of range"),
         ("tome", dict(k=3), "unknown option(s) ['k'] for method 'tome'"),

@@ -174,7 +174,7 @@ def test_transform_runs_on_every_prefix_layout():
         (dict(r=1.0), "r=1.0 is out of range: allowed [0.0, 1.0)"),
         (dict(r="half"), "r='half' must be an int (tokens) or a float (fraction)"),
         (dict(k=0), "k=0 is out of range"),
-        (dict(k=2.0), "k=2.0 must be a int"),
+        (dict(k=2.0), "k=2.0 must be an int"),
         (dict(temperature=0.0), "temperature=0.0 is out of range: allowed (0.0, inf]"),
         (dict(blocks=[3, 12]), "block indices [12] out of range 0..11"),
         (dict(prop_attn="yes"), "prop_attn='yes' must be True or False"),

@@ -52,6 +52,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--val", type=Path, default=SHARED / "val", help="labelled folder evaluated after training")
     parser.add_argument("--train-limit", type=int, help="use N training images evenly spread over the folder")
     parser.add_argument("--val-limit", type=int, help="evaluate N images evenly spread over the folder")
+    parser.add_argument("--strict", action="store_true",
+                        help="decode every image first and stop if any cannot be (default: skip and list those)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-5, help="peak AdamW learning rate (cosine to 0, no warm-up)")
@@ -143,15 +145,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         original, weights = model_with_head(args)
         config = ev.data_config(original)
         train_set = ev.ImageDataset(args.train, train_transform(config), limit=args.train_limit)
-        val_set = ev.ImageDataset(args.val, ev.eval_transform(config), limit=args.val_limit)
+        val_set = ev.ImageDataset(args.val, ev.eval_transform(config), limit=args.val_limit,
+                                  skip_unreadable=not args.strict)
         for dataset in (train_set, val_set):
             dataset.align_labels(ev.classifier_outputs(original))
+        skipped: dict[str, list[dict[str, str]]] = {"train": [], "val": []}
+        if args.strict:
+            for dataset in (train_set, val_set):
+                dataset.require_readable(args.workers)
+        else:  # training batches must be whole: unreadable training images are left out up front
+            bad = ev.find_unreadable(train_set, args.workers)
+            skipped["train"] = train_set.unreadable_files(bad)
+            train_set.drop(bad)
         reduced = tokenreduce.apply(copy.deepcopy(original), "mctf", **setting.options)
         student = copy.deepcopy(reduced).to(device)
     except ValueError as error:
         print(f"finetune_mctf.py: error: {error}", file=sys.stderr)
         return 2
     print(f"model: {weights}\nsetting: {setting.label}\ntrain: {args.train} ({len(train_set)} images)")
+    if skipped["train"]:
+        print(f"left out {len(skipped['train'])} training image(s) that cannot be decoded: "
+              f"{ev.format_unreadable(skipped['train'])}")
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.workers,
                                          generator=torch.Generator().manual_seed(args.seed))
@@ -161,6 +175,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     val_loader = ev.make_loader(val_set, args.batch_size, args.workers)
     results = ev.evaluate(models, val_loader, device,
                           progress=lambda b: tqdm(b, desc="evaluating", unit="batch", file=sys.stderr))
+    skipped["val"] = val_set.unreadable_files(results.unreadable)
+    if skipped["val"]:
+        print(f"skipped {len(skipped['val'])} val image(s) that cannot be decoded: {ev.format_unreadable(skipped['val'])}")
     gflops = [tokenreduce.count_flops(m, tuple(config["input_size"])) for m in (original, reduced)]
     rows = []
     for m, name in enumerate(("unreduced", f"{setting.label} (original weights)", f"{setting.label} (fine-tuned)")):
@@ -169,7 +186,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(ev.format_table(rows, [("model", "model", "{}"), ("top1", "top-1", "{:.2f}"), ("top5", "top-5", "{:.2f}"),
                                  ("gflops", "GFLOPs", "{:.3f}"), ("cos_mean", "cos mean", "{:.4f}")]))
     report = {"model": weights, "setting": setting.label, "options": setting.options, "train": str(args.train),
-              "train_images": len(train_set), "val": str(args.val), "val_images": len(val_set),
+              "train_images": len(train_set), "val": str(args.val), "val_images": len(results.index),
+              "unreadable": skipped,
               "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay,
               "batch_size": args.batch_size, "r_teacher_max": args.r_teacher_max, "history": history, "rows": rows}
     if args.out:

@@ -44,6 +44,8 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.ArgumentParser, argp
     parser.add_argument("--crop-pct", type=float, help="centre-crop fraction (default: the model's data config)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"training folder (default {DEFAULT_DATA})")
     parser.add_argument("--limit", type=int, help="use N images evenly spread over the folder")
+    parser.add_argument("--strict", action="store_true",
+                        help="decode every image first and stop if any cannot be (default: skip and list those)")
     parser.add_argument("--setting", metavar="METHOD[:K=V,...]",
                         help="fit on the features of the model reduced with this setting, e.g. tome:r=21")
     parser.add_argument("--out", type=Path, required=True, help="probe file to write (.safetensors)")
@@ -72,7 +74,10 @@ def fit(args: argparse.Namespace) -> None:
         weights += f", reduced with {setting.label}"
     device = torch.device(args.device)
     config = ev.data_config(model, args.crop_pct)
-    dataset = ev.ImageDataset(args.data, ev.eval_transform(config), limit=args.limit)
+    dataset = ev.ImageDataset(args.data, ev.eval_transform(config), limit=args.limit,
+                              skip_unreadable=not args.strict)
+    if args.strict:
+        dataset.require_readable(args.workers)
     print(f"model: {weights}\ndata:  {args.data.resolve()} ({len(dataset)} images, {dataset.num_classes} classes)")
 
     def progress(batches: Any) -> Any:
@@ -81,12 +86,17 @@ def fit(args: argparse.Namespace) -> None:
     loader = ev.make_loader(dataset, args.batch_size, args.workers, pin_memory=device.type == "cuda")
     results = ev.evaluate([ev.prepare_model(model, device)], loader, device, amp=args.amp, progress=progress)
     features, labels = results.features[0], results.labels
+    unreadable = dataset.unreadable_files(results.unreadable)
+    if unreadable:
+        print(f"skipped {len(unreadable)} image(s) that cannot be decoded: {ev.format_unreadable(unreadable)} "
+              "(the probe's metadata 'unreadable' lists them all)")
     weight, bias = ev.fit_linear_probe(features, labels, dataset.num_classes, args.C, args.max_iter)
     hits = ev.topk_correct(features @ weight.T + bias, labels)
     print(f"train accuracy: top-1 {100 * hits[:, 0].double().mean().item():.2f} % "
           f"on {len(labels)} images ({weight.shape[0]} classes, {weight.shape[1]}-d features, C={args.C})")
     metadata = {"model": args.model, "setting": args.setting or "none", "data": str(args.data.resolve()), "C": str(args.C),
-                "classes": json.dumps(dataset.classes), "preprocessing": json.dumps(config)}
+                "classes": json.dumps(dataset.classes), "preprocessing": json.dumps(config),
+                "images": str(len(labels)), "unreadable": json.dumps([f["path"] for f in unreadable])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({"weight": weight.contiguous(), "bias": bias.contiguous()}, str(args.out), metadata=metadata)
     print(f"wrote {args.out}")

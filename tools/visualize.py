@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import tokenreduce  # noqa: E402
@@ -317,8 +317,7 @@ def parse_stages(text: str) -> list[Optional[int]]:
 
 def load_image(path: Path, config: dict[str, Any]) -> tuple[Tensor, np.ndarray]:
     """The model input [1, 3, H, W] (timm eval transform) and the same crop as RGB uint8 [H, W, 3]."""
-    with Image.open(path) as image:
-        x = ev.eval_transform(config)(image.convert("RGB"))
+    x = ev.eval_transform(config)(ev.read_rgb(path))
     mean = torch.tensor(config["mean"]).view(3, 1, 1)
     std = torch.tensor(config["std"]).view(3, 1, 1)
     pixels = ((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
@@ -368,7 +367,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config = ev.data_config(model)
     try:
         images, pixels = load_image(args.image, config)
-    except (UnidentifiedImageError, OSError) as error:
+    except ev.UnreadableImageError as error:
         parser.error(f"--image {args.image} cannot be read as an image: {error}")
 
     device = torch.device(args.device)

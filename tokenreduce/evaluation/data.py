@@ -1,18 +1,42 @@
-"""Labelled image folders: reading the two layouts, the eval preprocessing, loaders."""
+"""Labelled image folders: reading the two layouts, the eval preprocessing, loaders.
+
+A file that cannot be decoded (empty, truncated, not an image) must not end a
+long run: with ``skip_unreadable`` the dataset yields None for it, the loader
+drops it from its batch, and ``inference.evaluate`` reports its position, so the
+tools list it at the end; ``find_unreadable`` decodes everything up front for
+``--strict`` runs, which stop before any work instead.
+"""
 from __future__ import annotations
 
 import csv
 import json
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
-from .distributed import is_distributed
+from .distributed import all_gather_lists, is_distributed
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
+# What PIL raises for a file it cannot decode: UnidentifiedImageError (empty file, text)
+# and "image file is truncated" are OSErrors; some decoders raise SyntaxError or ValueError.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+SHOWN_UNREADABLE = 5  # files named in an error message or on screen; the JSON lists them all
+
+
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded; the message names the file and PIL's reason."""
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """The image at ``path``, fully decoded, as RGB (some ImageNet photos are greyscale or CMYK)."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except DECODE_ERRORS as error:
+        raise UnreadableImageError(f"{path}: {type(error).__name__}: {error}") from None
 
 
 def read_image_list(root: Path) -> tuple[list[tuple[Path, int]], Optional[list[str]]]:
@@ -80,10 +104,16 @@ def evenly_spaced(count: int, limit: Optional[int]) -> list[int]:
 
 class ImageDataset(Dataset):
     """Labelled images; items are ``(image, label, index)`` so that results
-    computed on shards can be put back in dataset order."""
+    computed on shards can be put back in dataset order.
 
-    def __init__(self, root: Path, transform: Optional[Callable] = None, limit: Optional[int] = None):
+    An image that cannot be decoded raises UnreadableImageError, or with
+    ``skip_unreadable`` gives the item None (``make_loader`` drops it).
+    """
+
+    def __init__(self, root: Path, transform: Optional[Callable] = None, limit: Optional[int] = None,
+                 skip_unreadable: bool = False):
         self.root = Path(root)
+        self.skip_unreadable = skip_unreadable
         samples, self.classes = read_image_list(self.root)
         self.total = len(samples)
         # the label space: named classes, else up to the largest label of the whole folder
@@ -94,11 +124,41 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Any, int, int]:
+    def __getitem__(self, index: int) -> Optional[tuple[Any, int, int]]:
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            image = image.convert("RGB")  # some ImageNet photos are greyscale or CMYK
+        try:
+            image = read_rgb(path)
+        except UnreadableImageError:
+            if self.skip_unreadable:
+                return None
+            raise
         return (self.transform(image) if self.transform else image), label, index
+
+    def unreadable_files(self, positions: Sequence[int]) -> list[dict[str, str]]:
+        """``{"path", "error"}`` of the images at ``positions`` (PIL's reason, read again)."""
+        files = []
+        for position in positions:
+            path = self.samples[position][0]
+            try:
+                read_rgb(path)
+                error = "decoded when read again"
+            except UnreadableImageError as unreadable:
+                error = str(unreadable).removeprefix(f"{path}: ")
+            files.append({"path": str(path), "error": error})
+        return files
+
+    def require_readable(self, workers: int) -> None:
+        """Decode every image up front; ValueError naming the ones that cannot be (``--strict``)."""
+        bad = find_unreadable(self, workers)
+        if bad:
+            raise ValueError(f"{len(bad)} of the {len(self)} images cannot be decoded: "
+                             f"{format_unreadable(self.unreadable_files(bad[:SHOWN_UNREADABLE]), len(bad))}. "
+                             "Remove or replace them, or run without --strict to skip and list them")
+
+    def drop(self, positions: Sequence[int]) -> None:
+        """Leave the samples at ``positions`` out (e.g. the unreadable ones before training)."""
+        left_out = set(positions)
+        self.samples = [sample for i, sample in enumerate(self.samples) if i not in left_out]
 
     def align_labels(self, num_outputs: int) -> None:
         """Make labels index a classifier with ``num_outputs`` classes.
@@ -121,6 +181,12 @@ class ImageDataset(Dataset):
                 f"{self.root} has {self.num_classes} classes but the classifier has "
                 f"{num_outputs} outputs"
             )
+
+
+def format_unreadable(files: Sequence[dict[str, str]], count: Optional[int] = None) -> str:
+    """The first few ``{"path", "error"}`` entries as one line, "; ..." when ``count`` says there are more."""
+    shown = "; ".join(f"{f['path']} ({f['error']})" for f in files[:SHOWN_UNREADABLE])
+    return shown + ("; ..." if (len(files) if count is None else count) > SHOWN_UNREADABLE else "")
 
 
 def data_config(model: nn.Module, crop_pct: Optional[float] = None) -> dict[str, Any]:
@@ -148,8 +214,44 @@ def eval_transform(config: dict[str, Any]) -> Callable:
     return create_transform(**config, is_training=False)
 
 
+def collate_readable(items: Sequence[Any]) -> Optional[Any]:
+    """Collate a batch without the items that are None (unreadable images); None when none is left."""
+    readable = [item for item in items if item is not None]
+    return default_collate(readable) if readable else None
+
+
 def make_loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
-    """In-order loader; under torch.distributed each rank reads its own shard."""
+    """In-order loader; under torch.distributed each rank reads its own shard.
+
+    Batches leave out unreadable images (a batch of nothing but those is None).
+    """
     sampler = DistributedSampler(dataset, shuffle=False) if is_distributed() else None
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, collate_fn=collate_readable,
                       num_workers=workers, pin_memory=pin_memory, persistent_workers=False)
+
+
+class _DecodeCheck(Dataset):
+    """``(position, decodes)`` for each image of an ImageDataset."""
+
+    def __init__(self, dataset: ImageDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, bool]:
+        try:
+            read_rgb(self.dataset.samples[index][0])
+        except UnreadableImageError:
+            return index, False
+        return index, True
+
+
+def find_unreadable(dataset: ImageDataset, workers: int, batch_size: int = 64) -> list[int]:
+    """Positions of the images that cannot be decoded, found by decoding each one
+    (in ``workers`` processes; under torch.distributed each rank checks its shard
+    and every rank gets the whole list)."""
+    bad: list[int] = []
+    for positions, decodes in make_loader(_DecodeCheck(dataset), batch_size, workers):
+        bad += positions[~decodes].tolist()
+    return sorted(set(all_gather_lists(bad)))

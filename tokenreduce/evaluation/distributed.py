@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -59,3 +60,12 @@ def all_gather_cat(tensor: Tensor, device: torch.device) -> Tensor:
     dist.all_gather(parts, padded)
     gathered = torch.cat([part[:int(n)] for part, n in zip(parts, lengths)]).cpu()
     return gathered.bool() if bool_input else gathered
+
+
+def all_gather_lists(items: list[Any]) -> list[Any]:
+    """Concatenate every rank's list of picklable items, in rank order."""
+    if not is_distributed():
+        return list(items)
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]

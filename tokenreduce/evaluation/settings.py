@@ -24,12 +24,32 @@ class Setting:
         return self.method != "none"
 
 
+COMMAND_LINE_WORDS = {"true": True, "false": False, "none": None, "null": None}
+
+
 def parse_value(text: str) -> Any:
-    """A Python literal (``13``, ``0.7``, ``[1, 2]``, ``(8, -0.5)``, ``True``), else the string."""
+    """A value as typed on a command line: a Python literal (``13``, ``0.7``,
+    ``[1, 2]``, ``(8, -0.5)``, ``True``), else the string.
+
+    Also what shells and habits produce: a number or literal inside quotes
+    (``"8"``, as a quoting shell passes it on) is that number, ``true`` /
+    ``false`` / ``none`` / ``null`` in any case are the Python constants, and
+    leading zeros are allowed (``08``). Only the tools read options this way;
+    ``tokenreduce.apply`` itself takes Python values as they are.
+    """
     try:
-        return ast.literal_eval(text)
+        value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
+        word = text.strip()
+        if word.lower() in COMMAND_LINE_WORDS:
+            return COMMAND_LINE_WORDS[word.lower()]
+        if word.isascii() and word.isdigit():  # 08: literal_eval refuses leading zeros
+            return int(word)
         return text
+    if isinstance(value, str) and value.strip() != text.strip():  # it was quoted: read what is inside
+        inner = parse_value(value)
+        return value if isinstance(inner, str) else inner
+    return value
 
 
 def parse_assignments(text: str) -> dict[str, Any]:
@@ -38,7 +58,7 @@ def parse_assignments(text: str) -> dict[str, Any]:
     for part in _split_top_level(text):
         name, sep, value = part.partition("=")
         if not sep or not name.strip():
-            raise ValueError(f"option {part!r} must look like name=value")
+            raise ValueError(f"option {part!r} must look like name=value (lists in brackets: locations=[3,6,9])")
         options[name.strip()] = parse_value(value.strip())
     return options
 

@@ -1,14 +1,56 @@
 """Speed and memory on synthetic input: interleaved throughput, peak forward memory, profile breakdown."""
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .device import autocast, synchronize
+
+
+class Phases:
+    """Wall seconds spent in the named phases of a run: where a tool's time goes."""
+
+    def __init__(self, start: Optional[float] = None, clock: Callable[[], float] = time.perf_counter) -> None:
+        """``start``: a ``clock()`` reading of when the run began (default: now)."""
+        self.clock = clock
+        self.start = clock() if start is None else start
+        self.seconds: dict[str, float] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        """Count the time spent inside the ``with`` block as ``name``."""
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self.add(name, self.clock() - start)
+
+    def iterate(self, name: str, items: Iterable[Any]) -> Iterator[Any]:
+        """``items`` one by one, counting the time spent waiting for each as ``name``
+        (e.g. a loader's batches: the time the models wait for images)."""
+        iterator = iter(items)
+        while True:
+            start = self.clock()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.add(name, self.clock() - start)
+            yield item
+
+    def summary(self) -> str:
+        """``"total 12.3 s: load 1.0 s, ..."``: the wall time since creation, then each phase."""
+        total = self.clock() - self.start
+        return f"total {total:.1f} s: " + ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items())
 
 
 def synthetic_input(input_size: Sequence[int], batch_size: int, device: torch.device,

@@ -58,8 +58,8 @@ def check_range(name: str, value: Any, low: float, high: float, *, low_open: boo
                 high_open: bool = False, kinds: tuple[type, ...] = (int, float)) -> None:
     """Raise ValueError unless ``low <= value <= high`` (bounds optionally open)."""
     if isinstance(value, bool) or not isinstance(value, kinds):
-        allowed = " or ".join(k.__name__ for k in kinds)
-        raise ValueError(f"{name}={value!r} must be a {allowed}")
+        allowed = " or ".join(("an " if k.__name__[0] in "aeiou" else "a ") + k.__name__ for k in kinds)
+        raise ValueError(f"{name}={value!r} must be {allowed}")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
     if too_low or too_high:
