@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint with an mmsegmentation / mmdetection config of configs/ through
+mmengine's Runner and the config's evaluator (mmseg's IoUMetric, mmdet's CocoMetric), as mmseg's
+and mmdet's tools/test.py do. A reduced config loads its baseline's checkpoint unchanged (token
+reduction adds no parameters; the keys are checked strictly), so the two run on the same weights.
+Checkpoints are pickles: give only ones you trust (e.g. your own tools/train.py runs).
+
+  python tools/test.py configs/segmentation/upernet_vit-s16-sfp_synthetic.py work_dirs/.../iter_40.pth
+  python tools/test.py configs/segmentation/upernet_vit-s16-sfp_synthetic_tome.py CKPT --out tome.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+from torch import nn  # noqa: E402
+
+from models.mm_utils import load_config  # noqa: E402
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", type=Path)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--data-root", type=Path, help="dataset folder (default: the config's, or $DATA_ROOT)")
+    parser.add_argument("--work-dir", type=Path, help="logs (default work_dirs/<config name>)")
+    parser.add_argument("--out", type=Path, help="write the metrics as JSON")
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config entries, key=value")
+    args = parser.parse_args(argv)
+    if not args.checkpoint.is_file():
+        parser.error(f"checkpoint {args.checkpoint} does not exist")
+    return args
+
+
+def load_weights(model: nn.Module, checkpoint: Path) -> None:
+    """The checkpoint's ``state_dict`` into ``model``, strictly. mmengine checkpoints also pickle
+    their training state (numpy arrays, history buffers), which torch >= 2.6 refuses to load by
+    default (``weights_only``), and mmengine 0.10.7 passes no flag: hence the explicit load."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model.load_state_dict(state.get("state_dict", state))
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.data_root, args.cfg_options)
+    cfg.work_dir = str(args.work_dir or Path("work_dirs") / args.config.stem)
+    cfg.load_from = None
+    runner = Runner.from_cfg(cfg)
+    load_weights(runner.model, args.checkpoint)
+    metrics = {name: float(value) for name, value in runner.test().items()}  # numpy scalars -> JSON
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
