@@ -26,6 +26,10 @@ class Need(enum.Flag):
     KEYS = enum.auto()  # k [B, H, N, D] (after q/k norm)
     CLS_ATTENTION = enum.auto()  # softmax row of the class token [B, H, N]
     ATTENTION = enum.auto()  # full probabilities [B, H, N, N]
+    TOKENS = enum.auto()  # nothing from attention, but the method acts here (stage "before_attention")
+
+
+ATTENTION_NEEDS = Need.KEYS | Need.CLS_ATTENTION | Need.ATTENTION
 
 
 @dataclass
@@ -39,6 +43,7 @@ class BlockTensors:
     keys: Optional[Tensor] = None
     cls_attention: Optional[Tensor] = None
     attention: Optional[Tensor] = None
+    grid: Optional[tuple[int, int]] = None  # patch-token grid (rows, cols) of this forward's image
 
 
 class Options:
