@@ -14,6 +14,7 @@ from conftest import input_for, make_vit
 
 # Per method: an active setting for a 4-block model, and a setting that reduces nothing.
 ACTIVE = {
+    "cluster": dict(location=1, grid=0.5),  # clustered at the input of block 2
     "tome": dict(r=4),
     "evit": dict(keep_rate=0.5, locations=(1, 2)),
     "mctf": dict(r=4),  # blocks 1-3, reduced at the start of the block
@@ -21,6 +22,7 @@ ACTIVE = {
     "zero_tprune": dict(locations=(1, 2), prune_s=0.2, prune_i=0.2),
 }
 INACTIVE = {
+    "cluster": dict(location=1, grid=1.0),
     "tome": dict(r=0),
     "evit": dict(keep_rate=1.0, locations=(1, 2)),
     "mctf": dict(r=0),
@@ -28,7 +30,7 @@ INACTIVE = {
     "zero_tprune": dict(locations=(1, 2), prune_s=0, prune_i=0),
 }
 # Methods whose sizes sum to the input token count (pruning drops patches).
-MERGING = ("tome", "evit", "mctf", "token_transforming")
+MERGING = ("tome", "evit", "mctf", "token_transforming", "cluster")
 
 
 @pytest.mark.parametrize("method", sorted(ACTIVE))
