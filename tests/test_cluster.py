@@ -4,6 +4,7 @@ import timm
 import torch
 
 import tokenreduce
+from tokenreduce import evaluation as ev
 from tokenreduce.flops import flop_analysis
 from tokenreduce.methods.cluster import (Cluster, ClusterOptions, centroid_grid, cluster_reduction, cluster_tokens,
                                         reconstruction_weights)
@@ -137,6 +138,16 @@ def test_restore_reconstructs_with_the_inverse_on_a_vit():
     reduction = cluster_reduction(tokens, 2, (14, 14), (7, 7), 5, 5, 0.02, 3, "l2")
     expected = reduction.restore(reduction.apply(tokens, None)[0], fill=tokens)
     assert torch.allclose(model.forward_features(x), model.norm(expected), atol=1e-5)
+
+
+def test_restore_mode_does_not_raise_the_forward_peak_memory():
+    """The clustering map (25 entries per token) and the reconstruction (k=20) are
+    applied in parts; the iterations hold N×h·w matrices, not N×K×C gathers."""
+    model = make_vit("avg_pool")
+    device = torch.device("cpu")
+    baseline = ev.peak_forward_memory(model, (3, 224, 224), 4, device)
+    tokenreduce.apply(model, "cluster", mode="restore", location=1, grid=0.5)
+    assert 0 < ev.peak_forward_memory(model, (3, 224, 224), 4, device) <= baseline
 
 
 def test_flops_fall_by_the_blocks_on_fewer_tokens_plus_the_clustering():
