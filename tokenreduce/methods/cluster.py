@@ -48,8 +48,10 @@ What this implementation chooses:
   comes back with a larger norm; ``normalise="sum"`` divides by their sum: a
   convex combination of centroids, which keeps the scale of the features.
 * W is computed as exp(−τ(D − min D)) per token before normalising: equal after
-  either normalisation, but a token far from every centroid (τ·D > 87 in fp32)
-  does not become all zeros, as it does in the official code. Exactly k
+  either normalisation, but a token far from every centroid keeps unit weight.
+  In the official code its weights fall below the 1e-12 floor of
+  ``F.normalize`` once τ·min D > 27.6 and the token comes back shrunk (all zeros
+  once τ·min D > 87, fp32); elsewhere the two agree to float rounding. Exactly k
   entries per token (the official mask ``W >= k-th largest`` keeps all ties);
   k is capped at h·w.
 * a centroid that no token joins (all its window's affinity underflows) becomes
