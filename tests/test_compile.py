@@ -7,6 +7,7 @@ import tokenreduce
 
 # 2-block settings that reduce at block 1 (or both blocks for the merging schedules)
 SETTINGS = {
+    "cluster": dict(location=0, grid=0.5),
     "tome": dict(r=8),
     "evit": dict(keep_rate=0.7, locations=(1,)),
     "mctf": dict(r=8),

@@ -35,6 +35,26 @@ def test_selection_is_a_gather_and_sparse_map_weights_features_and_carries_mass(
     assert soft.carry(torch.ones(1, 2, 1)).flatten().tolist() == [1.25, 0.75]
 
 
+def test_a_map_with_many_entries_per_token_equals_its_dense_matrix():
+    """7 entries per input: applied max(N, M) entries at a time, the sums are the dense products."""
+    torch.manual_seed(0)
+    batch, num_in, num_out, per_input = 2, 5, 3, 7
+    in_index = torch.arange(num_in).repeat_interleave(per_input).expand(batch, -1)
+    out_index = torch.randint(num_out, (batch, num_in * per_input))
+    weight, mass = torch.rand(batch, num_in * per_input), torch.rand(batch, num_in * per_input)
+    x, sizes = torch.randn(batch, num_in, 4), torch.rand(batch, num_in, 1) + 0.5
+    dense_weight = torch.zeros(batch, num_out, num_in).index_put_(
+        (torch.arange(batch)[:, None], out_index, in_index), weight, accumulate=True)
+    dense_mass = torch.zeros(batch, num_out, num_in).index_put_(
+        (torch.arange(batch)[:, None], out_index, in_index), mass, accumulate=True)
+    weighted = Reduction.sparse(out_index, num_out, weight=weight, in_index=in_index, mass=mass)
+    out, sizes_out = weighted.apply(x, sizes)
+    assert torch.allclose(out, dense_weight @ x, atol=1e-5)
+    assert torch.allclose(sizes_out, dense_mass @ sizes, atol=1e-5)
+    mean = Reduction.sparse(out_index, num_out, in_index=in_index, mass=mass).apply(x, sizes)[0]
+    assert torch.allclose(mean, (dense_mass @ (sizes * x)) / (dense_mass @ sizes), atol=1e-5)
+
+
 def test_split_order_keeps_prefix_first_then_a_then_b():
     assert alternating_split_order(7, 1, torch.device("cpu")).tolist() == [0, 2, 4, 6, 1, 3, 5]
     assert alternating_split_order(7, 2, torch.device("cpu")).tolist() == [0, 1, 2, 4, 6, 3, 5]

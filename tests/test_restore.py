@@ -55,6 +55,19 @@ def test_residual_form_adds_each_merged_tokens_gain_to_its_own_value():
         assert state.sizes is None and state.frames == []
 
 
+def test_an_attached_inverse_restores_the_same_in_both_forms():
+    x = torch.tensor([[[1.0], [3.0], [5.0]]])
+    merge = Reduction.merge(torch.tensor([[0, 0, 1]]), num_out=2)
+    merge.inverse = Reduction.sparse(torch.tensor([[0, 1, 2, 2]]), 3, weight=torch.tensor([[1.0, 1.0, 0.5, 0.5]]),
+                                     in_index=torch.tensor([[0, 0, 0, 1]]))
+    for form in ("residual", "copy"):
+        state = ReductionState(restore_form=form)
+        reduced = state.apply(merge, x)  # [2, 5]
+        restored = state.restore(reduced + torch.tensor([[[10.0], [100.0]]]))
+        # inverse·y, not x + inverse·(y - reduced)
+        assert restored.flatten().tolist() == [12.0, 12.0, 0.5 * 12 + 0.5 * 105]
+
+
 def test_stacked_reductions_are_undone_in_reverse_order():
     x = torch.arange(6.0).view(1, 6, 1)
     state = ReductionState(restore_form="copy")

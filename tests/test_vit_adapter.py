@@ -14,6 +14,7 @@ from conftest import assert_remove_restores_exactly, input_for, make_vit
 
 # Per method: an active setting for a 4-block model, and a setting that reduces nothing.
 ACTIVE = {
+    "cluster": dict(location=1, grid=0.5),  # clustered at the input of block 2
     "tome": dict(r=4),
     "evit": dict(keep_rate=0.5, locations=(1, 2)),
     "mctf": dict(r=4),  # blocks 1-3, reduced at the start of the block
@@ -21,6 +22,7 @@ ACTIVE = {
     "zero_tprune": dict(locations=(1, 2), prune_s=0.2, prune_i=0.2),
 }
 INACTIVE = {
+    "cluster": dict(location=1, grid=1.0),
     "tome": dict(r=0),
     "evit": dict(keep_rate=1.0, locations=(1, 2)),
     "mctf": dict(r=0),
@@ -28,7 +30,7 @@ INACTIVE = {
     "zero_tprune": dict(locations=(1, 2), prune_s=0, prune_i=0),
 }
 # Methods whose sizes sum to the input token count (pruning drops patches).
-MERGING = ("tome", "evit", "mctf", "token_transforming")
+MERGING = ("tome", "evit", "mctf", "token_transforming", "cluster")
 
 
 @pytest.mark.parametrize("method", sorted(ACTIVE))
@@ -153,10 +155,11 @@ def test_dynamic_img_size_and_deepcopy():
     assert tokenreduce.token_counts(model) == [161, 153, 145]
 
 
-@pytest.mark.parametrize("method", ["tome", "evit", "token_transforming"])
+@pytest.mark.parametrize("method", ["tome", "evit", "token_transforming", "cluster"])
 def test_reduction_does_not_raise_the_forward_peak_memory(method):
     """Keys and attention maps a method read are freed before the MLP (the
-    forward's peak), so reducing tokens never costs memory over timm's forward."""
+    forward's peak), and a map with many entries per token (cluster: 25) is
+    applied in parts, so reducing tokens never costs memory over timm's forward."""
     model = make_vit("avg_pool")
     device = torch.device("cpu")
     baseline = ev.peak_forward_memory(model, (3, 224, 224), 4, device)

@@ -32,7 +32,8 @@ def apply(model: nn.Module, method: str, *, mode: str = "reduce", restore_at: st
     ``"block"`` (at the end of each block, as tomesd). ``restore_form``:
     ``"residual"`` (a position keeps its own value at the reduction plus what the
     token it went into gained afterwards) or ``"copy"`` (it takes that token's
-    output); pruned tokens keep their value at the reduction either way.
+    output); pruned tokens keep their value at the reduction either way, and a
+    method's own reconstruction (``cluster``: W·y) is used in both forms.
     Residual is the default: on random-weight ViT-S features it keeps 0.99 patch
     cosine to the unreduced model where copy keeps 0.91 (ToMe r=8, 4 blocks: 0.985 vs 0.908).
     """

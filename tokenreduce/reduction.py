@@ -12,8 +12,8 @@ A :class:`Reduction` is a sparse M×N matrix stored as a list of entries
 
 Features are combined with ``weight`` (or a size-weighted mean); per-token state
 that counts patches (sizes, the source map) is carried with ``mass``. Both are
-applied with one gather and one ``index_add_`` over the entries: O(E·C), never a
-dense N×N product.
+applied with a gather and an ``index_add_`` over the entries: O(E·C) work, never
+a dense N×N product, and at most max(N, M)·C of gathered entries at a time.
 
 The same entries give the way back (:meth:`Reduction.restore`): every input
 position receives the mass-weighted mean of the outputs it fed, so restore mode
@@ -122,14 +122,30 @@ class Reduction:
     def _entries(self, x: Tensor) -> Tensor:
         return x if self.in_index is None else _gather_tokens(x, self.in_index)
 
+    def _sum_entries(self, x: Tensor, scale: Optional[Tensor]) -> Tensor:
+        """out[b, m] = Σ_{e: out_index[b, e] = m} scale[b, e]·x[b, in[e]]  (scale None: 1).
+
+        Entries are gathered max(N, M) at a time, so a map with many entries per
+        token (Expedit's window of centroids, its k-nearest reconstruction) holds
+        one [B, max(N, M), C] copy of them at a time, not [B, E, C]; maps with
+        E ≤ max(N, M) take one pass. The sums are the same, in the same order."""
+        batch, _, channels = x.shape
+        num_entries = self.out_index.shape[1]
+        chunk = max(x.shape[1], self.num_out)
+        out = x.new_zeros(batch * self.num_out, channels)
+        for start in range(0, num_entries, chunk):
+            part = slice(start, start + chunk)
+            values = x[:, part] if self.in_index is None else _gather_tokens(x, self.in_index[:, part])
+            if scale is not None:
+                values = values * scale[:, part].unsqueeze(-1)
+            out.index_add_(0, _batch_offsets(self.out_index[:, part], self.num_out), values.reshape(-1, channels))
+        return out.view(batch, self.num_out, channels)
+
     def carry(self, state: Tensor) -> Tensor:
         """Move a per-token quantity that counts patches (sizes [B,N,1], source [B,N,N0])."""
         if self.is_selection:
             return _gather_tokens(state, self.in_index)
-        values = self._entries(state)
-        if self.mass is not None:
-            values = values * self.mass.unsqueeze(-1).to(values.dtype)
-        return _index_sum(values, self.out_index, self.num_out)
+        return self._sum_entries(state, None if self.mass is None else self.mass.to(state.dtype))
 
     def spread(self, y: Tensor, num_in: int) -> Tensor:
         """The transpose of ``carry``: y [B, M, C] on the outputs back onto the
@@ -178,16 +194,13 @@ class Reduction:
         sizes_out = self.carry(sizes)
         if self.is_selection:
             return _gather_tokens(x, self.in_index), sizes_out
-        entries = self._entries(x)
         if self.weight is not None:
-            weighted = entries * self.weight.unsqueeze(-1).to(x.dtype)
-            return _index_sum(weighted, self.out_index, self.num_out), sizes_out
+            return self._sum_entries(x, self.weight.to(x.dtype)), sizes_out
         # Size-weighted mean: Σ mass·size·x / Σ mass·size.
-        entry_mass = self._entries(sizes).to(x.dtype)
+        entry_mass = self._entries(sizes)[..., 0].to(x.dtype)
         if self.mass is not None:
-            entry_mass = entry_mass * self.mass.unsqueeze(-1).to(x.dtype)
-        summed = _index_sum(entries * entry_mass, self.out_index, self.num_out)
-        return summed / sizes_out.to(x.dtype), sizes_out
+            entry_mass = entry_mass * self.mass.to(x.dtype)
+        return self._sum_entries(x, entry_mass) / sizes_out.to(x.dtype), sizes_out
 
 
 def merge_attention(probs: Tensor, reduction: Reduction, sizes: Optional[Tensor]) -> Tensor:

@@ -42,8 +42,12 @@ class _Frame:
     source: Optional[Tensor]
 
     def undo(self, y: Tensor) -> Tensor:
-        """``y`` (the outputs of this reduction, later) on the grid that entered it."""
-        if self.after is None or self.reduction.is_selection:
+        """``y`` (the outputs of this reduction, later) on the grid that entered it.
+
+        A reduction with its own ``inverse`` is undone by it in both forms: the
+        inverse is a method's reconstruction of every position from the outputs
+        (Expedit: W·y), not a map whose residual update would mean the same."""
+        if self.after is None or self.reduction.is_selection or self.reduction.inverse is not None:
             return self.reduction.restore(y, fill=self.before)
         return self.before + self.reduction.restore(y - self.after, fill=torch.zeros_like(self.before))
 
@@ -51,6 +55,8 @@ class _Frame:
 class ReductionState:
     """Token sizes, the optional source map and the token counts of the last forward.
 
+    ``grid`` is the patch-token grid (rows, cols) of the forward's image, set by
+    the adapter, for methods that see patch tokens as a grid (clustering).
     ``sizes`` [B, N, 1] counts the input patches (and prefix tokens) each token
     stands for; None until the first reduction (all ones). ``source`` [B, N, N0]
     says which of the N0 input tokens each token covers (only with ``trace_source``);
@@ -64,7 +70,8 @@ class ReductionState:
     ``"residual"`` gives each position its own value at the reduction plus what
     the token it went into gained afterwards (the residual stream's update, as
     tomesd unmerges); ``"copy"`` gives each position the output of that token
-    itself. Pruned tokens keep their value at the reduction in both forms.
+    itself. Pruned tokens keep their value at the reduction in both forms, and a
+    reduction with its own ``inverse`` is restored by that map in both forms.
     """
 
     def __init__(self, trace_source: bool = False, restore_form: Optional[str] = None) -> None:
@@ -72,7 +79,8 @@ class ReductionState:
         self.restore_form = restore_form
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, grid: Optional[tuple[int, int]] = None) -> None:
+        self.grid = grid
         self.sizes: Optional[Tensor] = None
         self.source: Optional[Tensor] = None
         self.source_history: list[tuple[int, Tensor]] = []

@@ -20,7 +20,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 from torch.autograd import profiler as _profiler
 
-from ..methods.base import BlockTensors, Method, Need
+from ..methods.base import ATTENTION_NEEDS, BlockTensors, Method, Need
 from ..state import Restore, ReductionState
 
 _ATTR = "_tokenreduce"
@@ -159,11 +159,14 @@ def reduce_then_attend(block: Block, x: Tensor, state: ReductionState, method: M
         need = need | Need.ATTENTION
     normed = block.norm1(x)
     bias = _attention_bias(state, method, x)
-    with torch.set_grad_enabled(torch.is_grad_enabled() and reuse):
-        q, k = split_heads(attn, project(attn, normed, "qk"), "qk")
-        extras = _extras(attn, q, k, bias, need, in_place=True)
+    extras: dict = {}
+    if need & ATTENTION_NEEDS:  # Need.TOKENS alone: no q, k projected for the method
+        with torch.set_grad_enabled(torch.is_grad_enabled() and reuse):
+            q, k = split_heads(attn, project(attn, normed, "qk"), "qk")
+            extras = _extras(attn, q, k, bias, need, in_place=True)
     with _profiled(REDUCE_RANGE):
-        reduction = method.reduce(BlockTensors(index, x, state.sizes, method.num_prefix_tokens, **extras))
+        reduction = method.reduce(BlockTensors(index, x, state.sizes, method.num_prefix_tokens,
+                                               grid=state.grid, **extras))
     if reduction is None:
         if not reuse:
             return x + block.drop_path1(block.ls1(attn(normed, attn_mask=bias)))
@@ -198,7 +201,8 @@ def attend_then_reduce(block: Block, x: Tensor, state: ReductionState, method: M
     if need is None or method.stage != "after_attention":
         return x
     with _profiled(REDUCE_RANGE):
-        reduction = method.reduce(BlockTensors(index, x, state.sizes, method.num_prefix_tokens, **extras))
+        reduction = method.reduce(BlockTensors(index, x, state.sizes, method.num_prefix_tokens,
+                                               grid=state.grid, **extras))
     if reduction is None:
         return x
     with _profiled(APPLY_RANGE):
@@ -246,12 +250,18 @@ class ReducingBlock:
         return x
 
 
+def _token_grid(model: VisionTransformer, images: Tensor) -> tuple[int, int]:
+    """The patch-token grid (rows, cols) for ``images``, as Python ints (also while tracing)."""
+    rows, cols = model.patch_embed.dynamic_feat_size(images.shape[-2:])
+    return int(rows), int(cols)
+
+
 class ReducingVisionTransformer:
     """Mixin over timm ``VisionTransformer``: resets the reduction state per
     forward and pools with size weights."""
 
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-        getattr(self, _ATTR).state.reset()
+        getattr(self, _ATTR).state.reset(_token_grid(self, x))
         return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
 
     def forward_intermediates(
@@ -279,9 +289,10 @@ class ReducingVisionTransformer:
             raise ValueError(f"output_fmt={output_fmt!r} must be 'NCHW' or 'NLC'")
         if attn_mask is not None or is_causal:
             raise ValueError("token reduction cannot follow a user attn_mask / is_causal: the token count changes")
-        patch.state.reset()
+        grid = _token_grid(self, x)
+        patch.state.reset(grid)
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        batch, _, height, width = x.shape
+        batch = x.shape[0]
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         intermediates = []
         for i, block in enumerate(self.blocks[: max_index + 1] if stop_early else self.blocks):
@@ -294,8 +305,7 @@ class ReducingVisionTransformer:
         prefix_tokens = [y[:, :prefix] for y in intermediates] if prefix else None
         intermediates = [y[:, prefix:] for y in intermediates]
         if output_fmt == "NCHW":
-            grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
-            intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()
+            intermediates = [y.reshape(batch, *grid, -1).permute(0, 3, 1, 2).contiguous()
                              for y in intermediates]
         if output_dict:
             result = {"image_intermediates": intermediates}

@@ -31,6 +31,10 @@ class Need(enum.Flag):
     CLS_ATTENTION = enum.auto()  # softmax row of the class token [B, H, N]
     ATTENTION = enum.auto()  # full probabilities [B, H, N, N]
     IMPORTANCE = enum.auto()  # per-token importance [B, N], >= 0, summing to 1 over the tokens
+    TOKENS = enum.auto()  # nothing from attention, but the method acts here (stage "before_attention")
+
+
+ATTENTION_NEEDS = Need.KEYS | Need.CLS_ATTENTION | Need.ATTENTION | Need.IMPORTANCE  # read from q, k on a ViT
 
 
 @dataclass
@@ -45,6 +49,7 @@ class BlockTensors:
     cls_attention: Optional[Tensor] = None
     attention: Optional[Tensor] = None
     importance: Optional[Tensor] = None  # ViT: the head-mean class-attention row; Vim: the SSM output's
+    grid: Optional[tuple[int, int]] = None  # patch-token grid (rows, cols) of this forward's image
 
 
 class Options:
