@@ -105,13 +105,18 @@ def test_proportional_attention_equals_attention_over_duplicated_tokens():
     bias = sizes.log()[None, None, None, :]
     duplicated = x[:, [0, 1, 1, 1, 2, 3, 3]]
     expected = attn(duplicated)[:, [0, 1, 4, 5]]
-    for need in (Need.NOTHING, Need.KEYS, Need.CLS_ATTENTION, Need.ATTENTION):
+    for need in (Need.NOTHING, *Need):
         out, extras = attention_with_extras(attn, x, bias, need)
         assert torch.allclose(out, expected, atol=1e-5)
     full = attention_with_extras(attn, x, bias, Need.ATTENTION | Need.CLS_ATTENTION)[1]
     row = attention_with_extras(attn, x, bias, Need.CLS_ATTENTION)[1]["cls_attention"]
     assert torch.allclose(full["cls_attention"], row, atol=1e-6)
     assert torch.allclose(full["attention"].sum(-1), torch.ones(1, 2, 4))
+    # without the map: the column means of the same probabilities, and the maps themselves on demand
+    lazy = attention_with_extras(attn, x, bias, Need.RECEIVED_ATTENTION | Need.ATTENTION_MAPS)[1]
+    assert "attention" not in lazy
+    assert torch.allclose(lazy["received_attention"], full["attention"].mean(dim=2), atol=1e-6)
+    assert torch.allclose(lazy["attention_maps"].per_map(lambda graph: graph), full["attention"], atol=1e-6)
 
 
 def test_avg_pool_weights_tokens_by_size():

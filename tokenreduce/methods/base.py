@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Optional
 
 from torch import Tensor
 
+from ..attention import AttentionMaps
 from ..reduction import Reduction
 
 
@@ -26,6 +27,9 @@ class Need(enum.Flag):
     KEYS = enum.auto()  # k [B, H, N, D] (after q/k norm)
     CLS_ATTENTION = enum.auto()  # softmax row of the class token [B, H, N]
     ATTENTION = enum.auto()  # full probabilities [B, H, N, N]
+    # Without the N×N map (``tokenreduce.attention``; float32, no gradient):
+    RECEIVED_ATTENTION = enum.auto()  # attention each token receives, mean over the queries [B, H, N]
+    ATTENTION_MAPS = enum.auto()  # an AttentionMaps: the probabilities on demand, in bounded pieces
 
 
 @dataclass
@@ -39,6 +43,8 @@ class BlockTensors:
     keys: Optional[Tensor] = None
     cls_attention: Optional[Tensor] = None
     attention: Optional[Tensor] = None
+    received_attention: Optional[Tensor] = None
+    attention_maps: Optional[AttentionMaps] = None
 
 
 class Options:
