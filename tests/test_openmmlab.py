@@ -55,18 +55,15 @@ def _swin_adapter_exists() -> bool:
     return True
 
 
-# TODO(lead): remove once the Swin adapter and the cluster method land
+# TODO(lead): remove once the Swin adapter lands
 SWIN_ADAPTER = _swin_adapter_exists()
-CLUSTER_METHOD = "cluster" in tokenreduce.available_methods()
 
 
 def skip_unless_supported(reduction, model_name: str) -> None:
     """Skip while the library lacks what ``reduction`` on ``model_name`` needs (the Swin
-    adapter, the cluster method: other branches)."""
+    adapter: another branch)."""
     if reduction is None:
         return
-    if reduction["type"] == "cluster" and not CLUSTER_METHOD:
-        pytest.skip("the cluster method is not on this branch yet")
     if model_name.startswith("swin") and not SWIN_ADAPTER:
         pytest.skip("the Swin adapter is not on this branch yet")
 
@@ -93,7 +90,8 @@ def tiny(cfg):
     side = 64 if mm_utils.task_of(cfg) == "segmentation" else 128
     reduction = mm_utils.reduction_of(cfg) or {}
     if reduction.get("type") == "cluster":  # at least one token per cluster (ViT: patch 16; Swin: 7x7 windows)
-        side = max(side, 128, 16 * max(reduction.get("num_clusters", (0,))))
+        grid = reduction.get("grid", (0,))
+        side = max(side, 128, 16 * max(grid if isinstance(grid, tuple) else (0,)))
     if mm_utils.task_of(cfg) == "segmentation":
         cfg.model.data_preprocessor.size = (side, side)
         cfg.model.decode_head.channels, cfg.model.auxiliary_head.channels = 64, 32

@@ -181,7 +181,7 @@ def test_batched_equals_one_image_at_a_time(setting):
 
 
 @pytest.mark.parametrize("method, options, message", [
-    ("mctf", {}, "'mctf' needs Need.ATTENTION from attention, but a Vision Mamba block has no attention map"),
+    ("mctf", {}, "'mctf' needs Need.RECEIVED_ATTENTION from attention, but a Vision Mamba block has no attention map"),
     ("zero_tprune", dict(locations=(1,)), "no attention map"),
     ("token_transforming", dict(blocks=(1,)), "needs Need.CLS_ATTENTION"),
     ("tome", dict(r=2), "prop_attn=True weights attention by token size"),

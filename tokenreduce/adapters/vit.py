@@ -20,12 +20,16 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 from torch.autograd import profiler as _profiler
 
+from ..attention import AttentionMaps
 from ..methods.base import ATTENTION_NEEDS, BlockTensors, Method, Need
 from ..state import Restore, ReductionState
 
 _ATTR = "_tokenreduce"
 REDUCE_RANGE = "tokenreduce.reduce"  # profiler range: the method scores tokens and builds its Reduction
 APPLY_RANGE = "tokenreduce.apply"  # profiler range: the Reduction moves tokens and sizes (gather / index_add)
+# Logits and probabilities an AttentionMaps holds at once, per element of the block's q [B, H, N, D]:
+# half the MLP's hidden activations at timm's mlp_ratio 4, so the block's peak stays the MLP's.
+CHUNK_ELEMENTS = 2
 
 
 def _profiled(name: str) -> contextlib.AbstractContextManager:
@@ -102,8 +106,9 @@ def finish_attention(attn: Attention, out: Tensor, gate: Optional[Tensor]) -> Te
 
 def _extras(attn: Attention, q: Tensor, k: Tensor, bias: Optional[Tensor], need: Need, in_place: bool = False) -> dict:
     """What ``need`` asks for, from q and k; the N×N map only for ``Need.ATTENTION``
-    (otherwise the class-token row alone, q_cls·Kᵀ). Token importance is the
-    class-token row averaged over heads."""
+    (otherwise the class-token row alone, q_cls·Kᵀ, and received attention or
+    attention maps in bounded pieces). Token importance is the class-token row
+    averaged over heads."""
     extras: dict = {}
     if Need.IMPORTANCE in need:
         need = need | Need.CLS_ATTENTION
@@ -117,6 +122,12 @@ def _extras(attn: Attention, q: Tensor, k: Tensor, bias: Optional[Tensor], need:
         extras["cls_attention"] = attention_probabilities(attn, q[:, :, :1], k, bias)[:, :, 0]
     if Need.IMPORTANCE in need:
         extras["importance"] = extras["cls_attention"].mean(dim=1)
+    if need & (Need.RECEIVED_ATTENTION | Need.ATTENTION_MAPS):
+        maps = AttentionMaps(q, k, attn.scale, bias, max_elements=CHUNK_ELEMENTS * q.numel())
+        if Need.RECEIVED_ATTENTION in need:
+            extras["received_attention"] = maps.received()
+        if Need.ATTENTION_MAPS in need:
+            extras["attention_maps"] = maps
     return extras
 
 
@@ -131,8 +142,9 @@ def attention_with_extras(attn: Attention, x: Tensor, bias: Optional[Tensor], ne
     """timm ``Attention.forward`` that also returns what a method needs.
 
     Explicit probabilities are formed only for ``Need.ATTENTION``; otherwise the
-    output comes from SDPA and the class-token row, if needed, is computed alone
-    (q_cls·Kᵀ), never the N×N map.
+    output comes from SDPA, the class-token row, if needed, is computed alone
+    (q_cls·Kᵀ), and received attention or attention maps in bounded pieces
+    (``AttentionMaps``), never the N×N map.
     """
     gate = attention_gate(attn, x)
     q, k, v = split_heads(attn, project(attn, x), "qkv")
@@ -149,14 +161,14 @@ def reduce_then_attend(block: Block, x: Tensor, state: ReductionState, method: M
     With ``method.one_step_ahead`` the attention of the reduced tokens is the
     unreduced map merged through the reduction (``merge_attention``), applied as
     P · spread(v') with v' the values of the reduced tokens, then query rows
-    combined like the tokens: no second q·kᵀ and no M×M map. Otherwise the
-    probabilities only feed the method's (gradient-free) decisions and attention
-    is recomputed exactly on the reduced tokens (timm's attention, SDPA).
+    combined like the tokens: P · spread(v') is attention over the unreduced
+    keys with values spread(v'), so fused attention (SDPA) computes it and
+    neither P nor the merged M×M map is ever formed. Otherwise what the method
+    read only feeds its (gradient-free) decisions and attention is recomputed
+    exactly on the reduced tokens (timm's attention, SDPA).
     """
     attn = block.attn
     reuse = method.one_step_ahead
-    if reuse:
-        need = need | Need.ATTENTION
     normed = block.norm1(x)
     bias = _attention_bias(state, method, x)
     extras: dict = {}
@@ -171,7 +183,7 @@ def reduce_then_attend(block: Block, x: Tensor, state: ReductionState, method: M
         if not reuse:
             return x + block.drop_path1(block.ls1(attn(normed, attn_mask=bias)))
         (v,) = split_heads(attn, project(attn, normed, "v"), "v")
-        out = merge_heads(_attend(attn, q, k, v, bias, extras["attention"]))
+        out = merge_heads(_attend(attn, q, k, v, bias, extras.get("attention")))
         return x + block.drop_path1(block.ls1(finish_attention(attn, out, attention_gate(attn, normed))))
     sizes = state.sizes
     with _profiled(APPLY_RANGE):
@@ -182,7 +194,7 @@ def reduce_then_attend(block: Block, x: Tensor, state: ReductionState, method: M
         return x + block.drop_path1(block.ls1(attn_out))
     values = reduction.spread(project(attn, normed, "v"), num_in=q.shape[2])
     (values,) = split_heads(attn, values, "v")
-    out = reduction.apply(merge_heads(attn.attn_drop(extras["attention"]) @ values), sizes)[0]
+    out = reduction.apply(merge_heads(_attend(attn, q, k, values, bias, extras.get("attention"))), sizes)[0]
     return x + block.drop_path1(block.ls1(finish_attention(attn, out, attention_gate(attn, normed))))
 
 
@@ -198,6 +210,7 @@ def attend_then_reduce(block: Block, x: Tensor, state: ReductionState, method: M
     else:
         attn_out, extras = attention_with_extras(block.attn, block.norm1(x), bias, need)
     x = x + block.drop_path1(block.ls1(attn_out))
+    del attn_out  # not held while the method reads the attention
     if need is None or method.stage != "after_attention":
         return x
     with _profiled(REDUCE_RANGE):

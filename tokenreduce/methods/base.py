@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Optional
 
 from torch import Tensor
 
+from ..attention import AttentionMaps
 from ..reduction import Reduction
 
 
@@ -31,10 +32,15 @@ class Need(enum.Flag):
     CLS_ATTENTION = enum.auto()  # softmax row of the class token [B, H, N]
     ATTENTION = enum.auto()  # full probabilities [B, H, N, N]
     IMPORTANCE = enum.auto()  # per-token importance [B, N], >= 0, summing to 1 over the tokens
+    # Without the N×N map (``tokenreduce.attention``; float32, no gradient):
+    RECEIVED_ATTENTION = enum.auto()  # attention each token receives, mean over the queries [B, H, N]
+    ATTENTION_MAPS = enum.auto()  # an AttentionMaps: the probabilities on demand, in bounded pieces
     TOKENS = enum.auto()  # nothing from attention, but the method acts here (stage "before_attention")
 
 
-ATTENTION_NEEDS = Need.KEYS | Need.CLS_ATTENTION | Need.ATTENTION | Need.IMPORTANCE  # read from q, k on a ViT
+# What the ViT adapter reads from q and k.
+ATTENTION_NEEDS = (Need.KEYS | Need.CLS_ATTENTION | Need.ATTENTION | Need.IMPORTANCE | Need.RECEIVED_ATTENTION
+                   | Need.ATTENTION_MAPS)
 
 
 @dataclass
@@ -50,6 +56,8 @@ class BlockTensors:
     attention: Optional[Tensor] = None
     importance: Optional[Tensor] = None  # ViT: the head-mean class-attention row; Vim: the SSM output's
     grid: Optional[tuple[int, int]] = None  # patch-token grid (rows, cols) of this forward's image
+    received_attention: Optional[Tensor] = None
+    attention_maps: Optional[AttentionMaps] = None
 
 
 class Options:

@@ -35,10 +35,17 @@ Facts followed from the official code (read at commit 2004da0):
   key columns summed, query rows averaged with the same a·s weights as the
   tokens — and applied to v of LayerNorm(merged x). The adapter computes this as
   P · spread(v') followed by the row combination (``Reduction.spread``,
-  ``reduction.merge_attention`` is the same map written out); the official code
-  scatters the whole H×N×N map twice. ``one_step_ahead=False`` is the code's
-  "precise" mode 2: the probabilities (without gradient) only choose the merge,
-  and attention is recomputed on the merged tokens (SDPA, proportional).
+  ``reduction.merge_attention`` is the same map written out), and P · spread(v')
+  is attention over the unmerged keys with values spread(v'): fused attention
+  (SDPA, log-size bias) gives it without forming P; the official code scatters
+  the whole H×N×N map twice. ``one_step_ahead=False`` is the code's "precise"
+  mode 2: the attention received (without gradient) only chooses the merge, and
+  attention is recomputed on the merged tokens (SDPA, proportional).
+* What the criteria read of this block's attention is only the attention each
+  token receives (``Need.RECEIVED_ATTENTION``): the adapter sums softmax rows
+  over chunks of queries, so no B·H·N² map is ever held (memory O(chunk·N));
+  the price is one more q·kᵀ per merging block, since the map is not kept for
+  the attention output.
 * Caps: with an integer r, r ≤ T − 10 (T tokens including prefix); r < 1 is a
   fraction of the T − prefix tokens (int, floored); then r ≤ (T − prefix) // 2.
 * Schedules: default r=16 at every block but the first (blocks 1–11 of a
@@ -60,16 +67,24 @@ class-token ViT): prefix tokens other than the class token (distillation,
 registers) are protected both as sources and as destinations and kept in front;
 with no class token the unmerged A tokens stay in position order; the 10-token
 floor also applies to fractional r; scores are computed in float32, the cosine
-as a·bᵀ / (|a||b|) (float rounding only); attention dropout, if any, is applied
-to the unmerged map (the code drops on the merged one). The code's mode 0
+as a·bᵀ / (|a||b|), and W_info · W_size as the product of one factor per token,
+(ĩ_a^(1/τ_info) ŝ_a^(1/τ_size)) · (ĩ_b^(1/τ_info) ŝ_b^(1/τ_size)) (float rounding
+only); attention dropout, if any, is applied to the unmerged map (the code
+drops on the merged one). The code's mode 0
 (reduction after the MLP with the block's attention) is not provided.
 Checked against the official code on random-init DeiT-S/T with identical
 weights: logits agree to ~1.5e-6 (one-step-ahead and precise, r=16 and fast),
 except where a score tie within one float ulp flips a choice.
 Reported: DeiT-T 72.2 → 72.7 top-1 at 0.71 GFLOPs, DeiT-S 79.8 → 80.1 at 2.60
 GFLOPs after 30 epochs of fine-tuning; accuracy not reproduced here. Our
-count_flops gives 2.617 for DeiT-S r=16 (the official model under fvcore: 2.60):
-P · spread(v') multiplies over N keys instead of the merged M.
+count_flops gives 2.687 for DeiT-S r=16 (the official model under fvcore: 2.60):
+P · spread(v') multiplies over N keys instead of the merged M (+0.015), and the
+received attention costs one more q·kᵀ over the N tokens entering each merging
+block (+0.070: H·D multiply-adds per pair of tokens), work the official code
+(and this one before the N×N map was dropped: 2.617) does not repeat because it
+keeps the map. MCTF-fast: 2.795 (paper 2.76). At 512 px (ViT-S/16, r=84) the
+extra pass is 19.4 against 17.5 GFLOPs, and the peak memory of a forward falls
+from 2.1x to below the unreduced model's.
 """
 from __future__ import annotations
 
@@ -132,7 +147,7 @@ def resolve_r(r: Number, num_tokens: int, num_prefix_tokens: int) -> int:
 
 def mctf_scores(
     metric: Tensor,
-    attention: Optional[Tensor],
+    received: Optional[Tensor],
     sizes: Optional[Tensor],
     num_prefix_tokens: int,
     tau_sim: float = 1.0,
@@ -141,10 +156,11 @@ def mctf_scores(
 ) -> Tensor:
     """Multi-criteria score W [B, N_A, N_B] between A (even) and B (odd) tokens.
 
-    ``metric`` [B, N, C] (block input), ``attention`` [B, H, N, N] probabilities,
-    ``sizes`` [B, N, 1] or None. Prefix tokens get −inf (never merged).
+    ``metric`` [B, N, C] (block input), ``received`` [B, H, N] the attention each
+    token receives in each head (mean over the queries; ``Need.RECEIVED_ATTENTION``)
+    or None, ``sizes`` [B, N, 1] or None. Prefix tokens get −inf (never merged).
     """
-    received = None if attention is None else received_attention(attention)
+    received = None if received is None else received_over_heads(received)
     return _scores(metric, received, sizes, num_prefix_tokens, tau_sim, tau_info, tau_size)
 
 
@@ -156,26 +172,34 @@ def _scores(metric: Tensor, received: Optional[Tensor], sizes: Optional[Tensor],
         if tau_sim > 0:
             # cosine as a·bᵀ / (|a| |b|): normalises N_A×N_B scores, not N×C features
             norm = metric.norm(dim=-1)
-            cosine = (a @ b.transpose(1, 2)) / (norm[:, ::2, None] * norm[:, None, 1::2])
-            scores = ((cosine + 1) / 2).clamp_min(0) ** (1 / tau_sim)
+            scores = (a @ b.transpose(1, 2)).div_(norm[:, ::2, None] * norm[:, None, 1::2])
+            scores = scores.add_(1).div_(2).clamp_min_(0)
+            if tau_sim != 1:
+                scores = scores.pow_(1 / tau_sim)
         else:
             scores = metric.new_ones(metric.shape[0], a.shape[1], b.shape[1])
+        # W_info · W_size = w_a · w_b with one factor per token: powers of N values, not of N_A×N_B
+        weight = None
         if tau_info > 0 and received is not None:
-            scores = scores * _pair_weight(1 / received.clamp_min(1e-30), tau_info)
+            weight = _token_weight(1 / received.clamp_min(1e-30), tau_info)
         if tau_size > 0 and sizes is not None:
-            scores = scores * _pair_weight(1 / sizes[..., 0].float(), tau_size)
+            size_weight = _token_weight(1 / sizes[..., 0].float(), tau_size)
+            weight = size_weight if weight is None else weight * size_weight
+        if weight is not None:
+            scores = scores.mul_(weight[:, ::2, None]).mul_(weight[:, None, 1::2])
         return protect_prefix(scores, num_prefix_tokens)
 
 
-def received_attention(attention: Tensor) -> Tensor:
-    """Attention each token receives [B, N]: the mean over heads and queries, float32."""
-    return attention.detach().float().mean(dim=(1, 2))
+def received_over_heads(received: Tensor) -> Tensor:
+    """Attention each token receives [B, N]: per-head received attention [B, H, N]
+    (mean over the queries) averaged over the heads, float32."""
+    return received.detach().float().mean(dim=1)
 
 
-def _pair_weight(value: Tensor, tau: float) -> Tensor:
-    """(v̂_a · v̂_b)^(1/τ) with v̂ = v / per-sample max: [B, N] → [B, N_A, N_B]."""
-    value = value / value.amax(dim=1, keepdim=True)
-    return (value[:, ::2, None] * value[:, None, 1::2]) ** (1 / tau)
+def _token_weight(value: Tensor, tau: float) -> Tensor:
+    """v̂^(1/τ) with v̂ = v / per-sample max [B, N]: the pair weight (v̂_a · v̂_b)^(1/τ)
+    is the product of the two tokens' weights."""
+    return (value / value.amax(dim=1, keepdim=True)) ** (1 / tau)
 
 
 def bidirectional_matching(
@@ -220,7 +244,7 @@ def bidirectional_matching(
 
 def mctf_reduction(
     x: Tensor,
-    attention: Optional[Tensor],
+    received: Optional[Tensor],
     sizes: Optional[Tensor],
     r: int,
     num_prefix_tokens: int,
@@ -230,9 +254,10 @@ def mctf_reduction(
     bidirectional: bool = True,
     pooling: str = "attention",
 ) -> Reduction:
-    """The MCTF reduction of the block input ``x`` [B, N, C] merging r tokens."""
+    """The MCTF reduction of the block input ``x`` [B, N, C] merging r tokens;
+    ``received`` [B, H, N] as for :func:`mctf_scores`."""
     num_tokens = x.shape[1]
-    received = None if attention is None else received_attention(attention)
+    received = None if received is None else received_over_heads(received)
     scores = _scores(x, received, sizes, num_prefix_tokens, tau_sim, tau_info, tau_size)
     destination, merged, order = bidirectional_matching(scores, r, num_tokens, num_prefix_tokens, bidirectional)
     reduction = merge_by_destination(destination, merged, order, num_tokens - r)
@@ -262,14 +287,14 @@ class MCTF(Method):
         self.r: Number = options.r
 
     def needs(self, block: int) -> Need:
-        return Need.ATTENTION if block in self.locations and self.options.r > 0 else Need.NOTHING
+        return Need.RECEIVED_ATTENTION if block in self.locations and self.options.r > 0 else Need.NOTHING
 
     def reduce(self, inputs: BlockTensors) -> Optional[Reduction]:
         r = resolve_r(self.r, inputs.x.shape[1], self.num_prefix_tokens)
         if r <= 0:
             return None
         o = self.options
-        return mctf_reduction(inputs.x, inputs.attention, inputs.sizes, r, self.num_prefix_tokens,
+        return mctf_reduction(inputs.x, inputs.received_attention, inputs.sizes, r, self.num_prefix_tokens,
                               o.tau_sim, o.tau_info, o.tau_size, o.bidirectional, o.pooling)
 
     @contextlib.contextmanager

@@ -36,6 +36,13 @@ Not confirmed, chosen here (and why):
 * The I-stage WPR runs on the attention restricted to the tokens the S-stage
   kept, rows renormalised (the softmax over the remaining keys): the paper puts
   S before I so that similar background tokens no longer vote for each other.
+* Memory: WPR needs each head's whole graph, but not all of them at once. The
+  method reads the attention as ``Need.ATTENTION_MAPS``: the I′ step (sᵀA from
+  the start vector) is summed over chunks of query rows, and the I-stage maps
+  are formed among the survivors (the softmax over the remaining keys, from
+  their queries and keys) a few whole maps at a time, with one batched product
+  per WPR iteration within each chunk; the peak memory stays that of the
+  unreduced forward instead of growing with B·H·N².
 * Class-token start: every prefix token (class, distillation, registers)
   starts at √N; the start vector is normalised to sum to one. Prefix tokens
   are never pruned and take no part in the S-stage (neither in A nor in B).
@@ -45,7 +52,11 @@ Not confirmed, chosen here (and why):
   keep rate 0.7 lands at the paper's ≈ 3.0 GFLOPs), each dropping 15 % of the
   patch tokens entering the block (rounded) in the S-stage and 15 % in the
   I-stage (196 → 138 → 96 → 68 patch tokens): 3.00 GFLOPs on DeiT-S, −34.9 %
-  of 4.61 (fvcore; the WPR and similarity products included).
+  of 4.61, with each pruning block's map formed once. As counted (fvcore; the
+  WPR and similarity products included) 3.05, −33.9 %: forming the maps in
+  pieces instead of keeping them costs one more q·kᵀ over the N tokens entering
+  each pruning block (I′) and one over the M survivors of its S-stage (I),
+  H·D multiply-adds per pair.
 * Default WPR iterations by depth: 50 in blocks 0–2, 10 in the middle, 1 in
   the last three (the upper ends of the ranges, for convergence; their cost is
   H·N² multiply-adds per iteration, ≈ 0.1 % of the model). Where the first and
@@ -62,6 +73,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ..attention import AttentionMaps
 from ..reduction import Reduction
 from .base import BlockTensors, Method, Need, Options, check_blocks, check_range, register_method
 
@@ -131,21 +143,8 @@ def similarity_prune(metric: Tensor, importance: Tensor, r: int) -> Tensor:
     return torch.cat([kept_a, b_index], dim=1).sort(dim=1).values
 
 
-def restrict_attention(attention: Tensor, index: Tensor) -> Tensor:
-    """Attention among the tokens ``index`` [B, M] only: [B, H, M, M], rows renormalised
-    (what softmax over the remaining keys gives)."""
-    batch, heads, num_tokens, _ = attention.shape
-    size = index.shape[1]
-    # One gather of the M×M entries straight from the flattened map: no M×N
-    # intermediate, and the renormalisation happens in place.
-    flat = (index[:, :, None] * num_tokens + index[:, None, :]).reshape(batch, 1, size * size)
-    sub = attention.reshape(batch, heads, num_tokens * num_tokens).gather(2, flat.expand(batch, heads, -1))
-    sub = sub.view(batch, heads, size, size)
-    return sub.div_(sub.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(sub.dtype).tiny))
-
-
 def zero_tprune_reduction(
-    attention: Tensor,
+    maps: AttentionMaps,
     keys: Optional[Tensor],
     num_prefix_tokens: int,
     prune_s: int,
@@ -154,28 +153,31 @@ def zero_tprune_reduction(
     cls_start: bool = True,
     variance_range: Optional[tuple[float, float]] = (0.01, 0.7),
 ) -> Reduction:
-    """One pruning layer, I′ → S → I: ``attention`` [B, H, N, N], ``keys`` [B, H, N, D]
-    (needed when ``prune_s`` > 0). Drops ``prune_s`` then ``prune_i`` patch tokens;
-    keeps the prefix and the kept tokens in their original order."""
-    batch, _, num_tokens, _ = attention.shape
+    """One pruning layer, I′ → S → I: ``maps`` the block's attention (probabilities
+    formed in bounded pieces), ``keys`` [B, H, N, D] (needed when ``prune_s`` > 0).
+    Drops ``prune_s`` then ``prune_i`` patch tokens; keeps the prefix and the kept
+    tokens in their original order."""
+    batch, _, num_tokens, _ = maps.queries.shape
     prefix = num_prefix_tokens
-    device = attention.device
+    device = maps.queries.device
     prefix_index = torch.arange(prefix, device=device).expand(batch, -1)
-    survivors = torch.arange(num_tokens, device=device).expand(batch, -1)
-    graph = attention
+    survivors = None
     if prune_s > 0:
         start = start_scores(num_tokens, prefix, cls_start, device)
-        ranking = combine_heads(weighted_page_rank(attention, start, 1)[..., prefix:], variance_range)
+        ranking = combine_heads(maps.received(start)[..., prefix:], variance_range)  # one WPR step: sᵀA
         kept = similarity_prune(keys.mean(dim=1)[:, prefix:], ranking, prune_s) + prefix
         survivors = torch.cat([prefix_index, kept], dim=1)
         if prune_i <= 0:
             return Reduction.select(survivors)
-        graph = restrict_attention(attention.float(), survivors)
-    size = survivors.shape[1]
+    size = num_tokens if survivors is None else survivors.shape[1]
     start = start_scores(size, prefix, cls_start, device)
-    importance = combine_heads(weighted_page_rank(graph, start, iterations)[..., prefix:], variance_range)
+    # WPR on the attention among the survivors (softmax over the remaining keys), a few maps at a time
+    scores = maps.per_map(lambda graph: weighted_page_rank(graph, start, iterations), tokens=survivors)
+    importance = combine_heads(scores[..., prefix:], variance_range)
     keep = importance.topk(size - prefix - prune_i, dim=1).indices.sort(dim=1).values + prefix
-    return Reduction.select(torch.cat([prefix_index, survivors.gather(1, keep)], dim=1))
+    if survivors is not None:
+        keep = survivors.gather(1, keep)
+    return Reduction.select(torch.cat([prefix_index, keep], dim=1))
 
 
 def _budget_count(value: Union[int, float], num_tokens: int) -> int:
@@ -262,10 +264,10 @@ class ZeroTPrune(Method):
         prune_s, prune_i = self.budgets.get(block, (0, 0))
         if prune_s == 0 and prune_i == 0:
             return Need.NOTHING
-        return Need.ATTENTION | Need.KEYS if prune_s != 0 else Need.ATTENTION
+        return Need.ATTENTION_MAPS | Need.KEYS if prune_s != 0 else Need.ATTENTION_MAPS
 
     def reduce(self, inputs: BlockTensors) -> Optional[Reduction]:
-        if inputs.attention is None:
+        if inputs.attention_maps is None:
             return None
         candidates = inputs.x.shape[1] - self.num_prefix_tokens
         prune_s, prune_i = (_budget_count(v, candidates) for v in self.budgets[inputs.block])
@@ -274,6 +276,6 @@ class ZeroTPrune(Method):
         if prune_s <= 0 and prune_i <= 0:
             return None
         return zero_tprune_reduction(
-            inputs.attention, inputs.keys, self.num_prefix_tokens, prune_s, max(prune_i, 0),
+            inputs.attention_maps, inputs.keys, self.num_prefix_tokens, prune_s, max(prune_i, 0),
             self.iterations[inputs.block], self.options.cls_start, self.options.head_variance,
         )
