@@ -91,7 +91,7 @@ def test_bidirectional_matching_by_hand():
     # r=3: r1=1: token 2 -> 1 (best A score .9). r2=2 on B -> unmerged A (4, 6, 8):
     # B best: 1 -> 4 (.85), 3 -> 4 (.8), 7 -> 6 (.6), 5 -> 6 (.3): tokens 1 (carrying 2) and 3 go to 4.
     # Output: class, unmerged A by position (4, 6, 8), unmerged B by score (7, then 5).
-    destination, merged, order = bidirectional_matching(SCORES, 3, 9, 1)
+    destination, merged, order, _ = bidirectional_matching(SCORES, 3, 9, 1)
     assert destination.tolist() == [[0, 4, 4, 4, 4, 5, 6, 7, 8]]
     assert merged.nonzero()[:, 1].tolist() == [1, 2, 3]
     reduction = merge_by_destination(destination, merged, order, 6)
@@ -110,7 +110,7 @@ def test_prefix_tokens_are_never_merged_and_stay_first(bidirectional):
 
 
 def test_one_way_matching_is_tome_order():
-    destination, merged, order = bidirectional_matching(SCORES, 2, 9, 1, bidirectional=False)
+    destination, merged, order, _ = bidirectional_matching(SCORES, 2, 9, 1, bidirectional=False)
     reduction = merge_by_destination(destination, merged, order, 7)
     # tokens 2 (.9) and 4 (.85) merge into 1; output: class, 6, 8, then B 1, 3, 5, 7
     assert reduction.out_index.tolist() == [[0, 3, 3, 4, 3, 5, 1, 6, 2]]
@@ -455,3 +455,33 @@ def test_finetune_tool_trains_and_reports_three_rows(tmp_path):
 def test_finetune_tool_rejects_other_methods(capsys):
     assert load_finetune_tool().main(["--setting", "tome:r=8"]) == 2
     assert "the consistency loss trains MCTF" in capsys.readouterr().err
+
+
+def test_grouped_matching_never_mixes_groups_and_sets_aside_a_b_token_with_its_followers():
+    # groups {0..3} and {4, 5}; r=4: A0->B1 and A2->B3 first, then two B tokens must move,
+    # but only B5 has an unmerged A (A4) in its group: one of B1 / B3 is set aside with the A
+    # token it carries.
+    scores = torch.tensor([[[0.9, 0.1, -INF], [0.1, 0.8, -INF], [-INF, -INF, 0.7]]])
+    groups = torch.tensor([[0, 0, 0, 0, 1, 1]])
+    destination, merged, order, set_aside = bidirectional_matching(scores, 4, 6, 0, groups=groups)
+    assert merged.sum() == 4 and set_aside.sum() == 2
+    aside = set_aside[0].nonzero().flatten().tolist()
+    assert aside in ([0, 1], [2, 3])
+    reduction = merge_by_destination(destination, merged, order, 2, set_aside)
+    kept = reduction.mass[0] > 0
+    for out in range(2):
+        members = ((reduction.out_index[0] == out) & kept).nonzero().flatten()
+        assert groups[0, members].unique().numel() == 1
+    assert reduction.carry(torch.ones(1, 6, 1)).sum() == 4
+
+
+def test_grouped_mctf_weights_leave_set_aside_tokens_out():
+    torch.manual_seed(2)
+    x, received = torch.randn(2, 12, 6), torch.randn(2, 2, 12, 12).softmax(-1).mean(dim=2)
+    groups = torch.tensor([0, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9]).expand(2, -1)  # two pairs, then singletons
+    reduction = mctf_reduction(x, received, None, 6, 0, groups=groups)
+    out, sizes = reduction.apply(x, None)
+    assert (reduction.mass == 0).any() and torch.all(reduction.weight[reduction.mass == 0] == 0)
+    assert torch.isfinite(out).all()
+    members = reduction.mass > 0
+    assert torch.equal(sizes.sum((1, 2)), members.sum(1).float())

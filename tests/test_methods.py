@@ -42,9 +42,20 @@ def test_evit_token_counts_follow_ceil_of_keep_rate():
     assert counts[:5] == [197, 197, 197, 197, first] and counts[7] == second
 
 
+def test_tome_ratio_merges_a_fraction_of_each_blocks_tokens():
+    import timm
+    model = timm.create_model("deit_tiny_patch16_224", depth=3).eval()
+    tokenreduce.apply(model, "tome", ratio=[0.1, 0.1])
+    model(torch.randn(1, 3, 224, 224))
+    assert tokenreduce.token_counts(model) == [197, 197 - 19, 178 - 17, 161]  # int(0.1 * patch tokens)
+    tokenreduce.apply(model, "tome")
+    model(torch.randn(1, 3, 224, 224))
+    assert tokenreduce.token_counts(model) == [197, 184, 171, 158]  # r None: the default 13
+
+
 def test_available_methods_lists_defaults():
     methods = tokenreduce.available_methods()
-    assert methods["tome"] == {"r": 13, "prop_attn": True}
+    assert methods["tome"] == {"r": None, "ratio": None, "prop_attn": True}  # r None: 13 unless ratio
     assert methods["evit"] == {"keep_rate": 0.7, "locations": (3, 6, 9), "fuse": True, "prop_attn": False}
 
 

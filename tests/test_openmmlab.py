@@ -46,28 +46,6 @@ def load_tool(name: str):
 make_synthetic, mm_benchmark = load_tool("make_synthetic_dense"), load_tool("mm_benchmark")
 
 
-def _swin_adapter_exists() -> bool:
-    try:
-        tokenreduce.adapters.adapter_for(timm.create_model(SWIN, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
-                                                           embed_dim=8))
-    except ValueError:
-        return False
-    return True
-
-
-# TODO(lead): remove once the Swin adapter lands
-SWIN_ADAPTER = _swin_adapter_exists()
-
-
-def skip_unless_supported(reduction, model_name: str) -> None:
-    """Skip while the library lacks what ``reduction`` on ``model_name`` needs (the Swin
-    adapter: another branch)."""
-    if reduction is None:
-        return
-    if model_name.startswith("swin") and not SWIN_ADAPTER:
-        pytest.skip("the Swin adapter is not on this branch yet")
-
-
 def config_id(path: Path) -> str:
     return f"{path.parent.name}/{path.stem}"
 
@@ -182,7 +160,6 @@ def test_pyramid_rejects_empty_scales():
 ])
 def test_nothing_reduced_is_identical_to_unpatched(model_name, kwargs):
     reduction = dict(type="tome", r=0, mode="restore")
-    skip_unless_supported(reduction, model_name)
     torch.manual_seed(0)
     plain = TokenReduceBackbone(model_name, **kwargs).eval()
     patched = TokenReduceBackbone(model_name, reduction=reduction, **kwargs).eval()
@@ -232,7 +209,6 @@ def test_config_downloads_nothing(path):
 @pytest.mark.parametrize("path", REAL, ids=config_id)
 def test_config_builds_trains_and_predicts(path):
     cfg, (height, width) = tiny(load(path))
-    skip_unless_supported(mm_utils.reduction_of(cfg), cfg.model.backbone.model_name)
     task = mm_utils.task_of(cfg)
     model = mm_utils.build_model(cfg).train()
     batch = mm_utils.synthetic_batch(task, height, width, batch_size=2, num_classes=3)
@@ -283,7 +259,6 @@ def expected_vit_saving(counts: list[int], dim: int) -> float:
 def test_reduced_config_gflops_below_baseline_as_expected(path):
     cfg = load(path)
     reduction, backbone_cfg = mm_utils.reduction_of(cfg), cfg.model.backbone
-    skip_unless_supported(reduction, backbone_cfg.model_name)
     shape = mm_benchmark.default_shape(cfg)  # ADE20K crops 512x512, COCO 800x1344
     reduced = mm_utils.build_model(cfg).backbone
     baseline = mm_utils.build_model(mm_utils.baseline_of(cfg)).backbone
@@ -361,7 +336,6 @@ def train_then_test(config: Path, data_root: Path, work_dir: Path, iters: int, r
     runs = [("untrained", config, untrained), ("trained", config, checkpoint)]
     cfg = load(reduced)
     try:
-        skip_unless_supported(mm_utils.reduction_of(cfg), cfg.model.backbone.model_name)
         runs.append(("reduced", reduced, checkpoint))
     except pytest.skip.Exception:
         pass
@@ -406,7 +380,6 @@ def test_mm_benchmark_side_by_side(tmp_path):
     configs = [SEG_SYNTHETIC]
     cfg = load(reduced)
     try:
-        skip_unless_supported(mm_utils.reduction_of(cfg), cfg.model.backbone.model_name)
         configs.append(reduced)
     except pytest.skip.Exception:
         pass

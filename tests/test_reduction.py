@@ -132,3 +132,28 @@ def test_reorder_composes_input_and_output_permutations_into_one_map():
         assert torch.allclose(out_sizes, gather(expected_sizes, outputs), atol=1e-6)
         only_outputs = reduction.reorder(outputs=outputs).apply(x, sizes)[0]
         assert torch.allclose(only_outputs, gather(reduction.apply(x, sizes)[0], outputs), atol=1e-6)
+
+
+def test_grouped_matching_stays_in_groups_and_sets_aside_the_unmatched():
+    # A = 0, 2, 4; B = 1, 3, 5. Token 4 is alone in its group: with r=3 every A token
+    # must go, so it is set aside (mass 0, out_index 0) rather than merged across groups.
+    metric = torch.tensor([[[1.0, 0], [1.0, 0.1], [0, 1.0], [0.1, 1.0], [1.0, 0], [1.0, 0]]])
+    groups = torch.tensor([[0, 0, 1, 1, 2, 3]])
+    free = bipartite_soft_matching(metric, 3, 0)
+    assert free.out_index[0, 4] == free.out_index[0, 5]  # unconstrained, 4 joins its duplicate 5
+    grouped = bipartite_soft_matching(metric, 3, 0, groups)
+    assert grouped.out_index.tolist() == [[0, 0, 1, 1, 0, 2]]
+    assert grouped.mass.tolist() == [[1.0, 1.0, 1.0, 1.0, 0.0, 1.0]]
+    x = torch.arange(6.0).view(1, 6, 1)
+    out, sizes = grouped.apply(x, None)
+    assert out.flatten().tolist() == [0.5, 2.5, 5.0] and sizes.flatten().tolist() == [2.0, 2.0, 1.0]
+    restored = grouped.restore(out, fill=x)
+    assert restored.flatten().tolist() == [0.5, 0.5, 2.5, 2.5, 4.0, 5.0]  # token 4 keeps its own value
+
+
+def test_grouped_matching_without_a_shortage_equals_the_plain_merge():
+    generator = torch.Generator().manual_seed(3)
+    metric = torch.randn(2, 12, 5, generator=generator)
+    plain = bipartite_soft_matching(metric, 4, 0)
+    one_group = bipartite_soft_matching(metric, 4, 0, torch.zeros(2, 12, dtype=torch.long))
+    assert torch.equal(plain.out_index, one_group.out_index) and not one_group.mass.lt(1).any()

@@ -125,6 +125,19 @@ def test_benchmark_compiled_columns(tmp_path):
     assert row["compile_gain"] == pytest.approx(row["img_per_s_compiled"] / row["img_per_s"])
 
 
+def test_benchmark_takes_swin_with_per_window_settings(tmp_path, capsys):
+    """Swin: ToMe's ratio per window, padded windows (100 px: 25x25 cells), token counts per image."""
+    path = tmp_path / "swin.json"
+    swin = ["--model", "swin_tiny_patch4_window7_224", "--model-arg", "embed_dim=16", "--model-arg", "depths=[2,2]",
+            "--model-arg", "num_heads=[1,2]", "--img-size", "100", *BASE_ARGS[4:], "--no-memory"]
+    assert benchmark.main([*swin, "--setting", "evit:locations=[1]"]) == 2
+    assert "needs a class token, which Swin has not" in capsys.readouterr().err
+    assert benchmark.main([*swin, "--setting", "tome:ratio=0.5", "--out", str(path)]) == 0
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["options"]["ratio"] == 0.5 and row["token_counts"] == [625, 16 * 25, 16 * 25, 4 * 25, 4 * 25]
+    assert row["gflops"] < row["gflops_baseline"] and row["img_per_s"] > 0
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--setting", "nope"], "unknown method 'nope'"),
     (["--setting", "tome:bogus=1"], "unknown option(s) ['bogus']"),

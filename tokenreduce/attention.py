@@ -35,6 +35,15 @@ class AttentionMaps:
         self.queries, self.keys, self.scale, self.bias = queries, keys, scale, bias
         self.max_elements = max_elements
 
+    @property
+    def shape(self) -> torch.Size:
+        """[B, H, N, N]: the shape of the probabilities these stand for."""
+        return self.queries.shape[:-1] + self.keys.shape[-2:-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.queries.device
+
     def _logits(self, queries: Tensor, keys: Tensor, bias: Optional[Tensor]) -> Tensor:
         logits = (queries.float() * self.scale) @ keys.float().transpose(-2, -1)
         if bias is not None:
@@ -91,3 +100,32 @@ class AttentionMaps:
                     pieces.append(fn(self._logits(queries, keys, bias).softmax(dim=-1)))
                 rows.append(torch.cat(pieces, dim=1))
         return torch.cat(rows, dim=0)
+
+
+class ProbabilityMaps:
+    """The :class:`AttentionMaps` interface over probabilities that already exist
+    ([B, H, N, N]): for adapters whose attention is small and explicit (Swin's
+    windows), where a bias per query–key pair (relative positions, the shift
+    mask) rules out recomputing pieces from q and k."""
+
+    def __init__(self, probabilities: Tensor) -> None:
+        self.probabilities = probabilities.detach().float()
+        self.shape, self.device = self.probabilities.shape, self.probabilities.device
+
+    def received(self, weights: Optional[Tensor] = None) -> Tensor:
+        """Σ_i w_i·P[i, j] per head, [B, H, N] (default: the mean over queries)."""
+        if weights is None:
+            return self.probabilities.mean(dim=-2)
+        return weights.float() @ self.probabilities
+
+    def per_map(self, fn: Callable[[Tensor], Tensor], tokens: Optional[Tensor] = None) -> Tensor:
+        """``fn`` over the maps among ``tokens`` [B, M]: the rows and columns of those
+        tokens, renormalised (softmax over the remaining keys gives exactly that)."""
+        maps = self.probabilities
+        if tokens is not None:
+            batch, heads, num_tokens, _ = maps.shape
+            flat = (tokens[:, :, None] * num_tokens + tokens[:, None, :]).flatten(1)
+            maps = maps.flatten(2).gather(2, flat[:, None].expand(-1, heads, -1))
+            maps = maps.view(batch, heads, tokens.shape[1], tokens.shape[1])
+            maps = maps / maps.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
+        return fn(maps)

@@ -178,8 +178,9 @@ class Reduction:
         num_in = fill.shape[1]
         if self.is_selection:
             return fill.scatter(1, self.in_index.unsqueeze(-1).expand(-1, -1, y.shape[-1]), y)
-        if self.in_index is None and self.mass is None:
-            return _gather_tokens(y, self.out_index)  # one entry per input, each of mass 1
+        if self.in_index is None:  # one entry per input: its output, or the fill where its mass is 0
+            received = _gather_tokens(y, self.out_index)
+            return received if self.mass is None else torch.where(self.mass.unsqueeze(-1) > 0, received, fill)
         received = self.spread(y, num_in)
         total = self.spread(torch.ones_like(y[..., :1]), num_in)
         return torch.where(total > 0, received / total.clamp_min(torch.finfo(y.dtype).tiny), fill)

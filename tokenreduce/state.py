@@ -88,7 +88,11 @@ class ReductionState:
         self.frames: list[_Frame] = []
 
     def record_tokens(self, x: Tensor) -> None:
-        self.token_counts.append(x.shape[1])
+        self.record_count(x.shape[1])
+
+    def record_count(self, count: int) -> None:
+        """Tokens per sample where they are not ``x.shape[1]`` (Swin: all its windows)."""
+        self.token_counts.append(count)
 
     def apply(self, reduction: Reduction, x: Tensor) -> Tensor:
         """Reduce ``x`` and carry sizes (and the source map) along."""

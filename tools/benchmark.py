@@ -23,6 +23,7 @@ timm ViTs and the repository's Vision Mamba (``vim_tiny/small/base_patch16_224``
   python tools/benchmark.py --model vit_tiny_patch16_224 --model-arg depth=4 --setting tome:r=8 --repeats 1
   python tools/benchmark.py --model vim_small_patch16_224 --setting top_vim:keep_rate=0.8 \
       --setting top_vim:keep_rate=0.8,align=False --setting tome:r=4,prop_attn=False --batch-size 8 --threads 1
+  python tools/benchmark.py --model swin_tiny_patch4_window7_224 --setting tome:ratio=0.5 --img-size 512
 """
 from __future__ import annotations
 
@@ -178,7 +179,7 @@ class Case:
     weights: str
     settings: list[ev.Setting]
     gflops: list[float]  # baseline first
-    token_counts: list[list[int]]
+    token_counts: list[list[int]]  # one per setting
 
 
 @torch.inference_mode()
@@ -192,9 +193,7 @@ def plan(args: argparse.Namespace, settings: list[ev.Setting], defaulted: bool,
             baseline, weights = build_model(name, img_size, args, model_args)
             input_size = input_size_of(baseline)
             where = f"{name} at {input_size[1]}x{input_size[2]}"
-            blocks = adapter_for(baseline).num_blocks(baseline)
-            kept, gflops = [], [tokenreduce.count_flops(baseline, input_size)]
-            counts = [[baseline.patch_embed.num_patches + baseline.num_prefix_tokens] * (blocks + 1)]
+            kept, gflops, counts = [], [tokenreduce.count_flops(baseline, input_size)], []
             for setting in settings:
                 try:
                     reduced = tokenreduce.apply(copy.deepcopy(baseline), setting.method, **setting.options)
@@ -258,7 +257,7 @@ def measure(case: Case, args: argparse.Namespace, device: torch.device, model_ar
             row: dict[str, Any] = {
                 "model": case.model, "img_size": img, "batch_size": batch_size, "setting": setting.label,
                 "method": setting.method, "options": {**defaults.get(setting.method, {}), **setting.options},
-                "token_counts": case.token_counts[m],
+                "token_counts": case.token_counts[m - 1],
                 "gflops_baseline": case.gflops[0], "gflops": case.gflops[m],
                 "flop_ratio": ratio(case.gflops[0], case.gflops[m]),
                 "img_per_s_baseline": eager[0], "img_per_s": eager[m], "speedup": ratio(eager[m], eager[0]),

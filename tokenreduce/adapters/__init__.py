@@ -1,7 +1,7 @@
 """Backbone adapters: each knows where a method runs inside one model family."""
-from . import vim, vit
+from . import swin, vim, vit
 
-ADAPTERS = (vit, vim)
+ADAPTERS = (vit, swin, vim)
 
 
 def adapter_for(model) -> object:
@@ -11,5 +11,6 @@ def adapter_for(model) -> object:
             return adapter
     raise ValueError(
         f"{type(model).__name__} is not supported; supported model families: timm VisionTransformer "
-        "(ViT, DeiT, DINOv2, register-token ViTs), Vision Mamba (models/vim.py)"
+        "(ViT, DeiT, DINOv2, register-token ViTs), timm SwinTransformer v1 (also features_only), "
+        "Vision Mamba (models/vim.py)"
     )

@@ -46,25 +46,28 @@ def _attention_bias(state: ReductionState, method: Method, like: Tensor) -> Opti
     return state.sizes.log().to(dtype)[:, None, None, :, 0]
 
 
-def project(attn: Attention, x: Tensor, parts: str = "qkv") -> Tensor:
-    """The rows of timm's fused qkv projection for ``parts`` (a run of "qkv"):
-    [B, N, len(parts)·attn_dim] from one matmul, so q/k and v can be projected
-    from different token sets (MCTF: q, k before merging, v after)."""
+def project(attn: nn.Module, x: Tensor, parts: str = "qkv") -> Tensor:
+    """The rows of a timm attention's fused qkv projection (``Attention``, Swin's
+    ``WindowAttention``) for ``parts`` (a run of "qkv"): [B, N, len(parts)·attn_dim]
+    from one matmul, so q/k and v can be projected from different token sets
+    (MCTF: q, k before merging, v after)."""
     if parts not in ("qkv", "qk", "kv", "q", "k", "v"):
         raise ValueError(f"parts={parts!r} must be a contiguous run of 'qkv'")
     if parts == "qkv":
         return attn.qkv(x)
-    start = "qkv".index(parts) * attn.attn_dim
-    rows = slice(start, start + len(parts) * attn.attn_dim)
+    attn_dim = attn.qkv.out_features // 3
+    start = "qkv".index(parts) * attn_dim
+    rows = slice(start, start + len(parts) * attn_dim)
     bias = None if attn.qkv.bias is None else attn.qkv.bias[rows]
     return F.linear(x, attn.qkv.weight[rows], bias)
 
 
-def split_heads(attn: Attention, projected: Tensor, parts: str) -> list[Tensor]:
-    """[B, N, len(parts)·attn_dim] → one [B, H, N, D] per letter; q and k normed."""
+def split_heads(attn: nn.Module, projected: Tensor, parts: str) -> list[Tensor]:
+    """[B, N, len(parts)·attn_dim] → one [B, H, N, D] per letter; q and k normed
+    where the attention has ``q_norm`` / ``k_norm``."""
     batch, num_tokens, _ = projected.shape
-    heads = projected.reshape(batch, num_tokens, len(parts), attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    norms = {"q": attn.q_norm, "k": attn.k_norm, "v": None}
+    heads = projected.reshape(batch, num_tokens, len(parts), attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    norms = {"q": getattr(attn, "q_norm", None), "k": getattr(attn, "k_norm", None), "v": None}
     return [h if norms[p] is None else norms[p](h) for p, h in zip(parts, heads.unbind(0))]
 
 

@@ -58,6 +58,9 @@ class BlockTensors:
     grid: Optional[tuple[int, int]] = None  # patch-token grid (rows, cols) of this forward's image
     received_attention: Optional[Tensor] = None
     attention_maps: Optional[AttentionMaps] = None
+    # [B, N] labels: a token may only merge with tokens of its own label (Swin: a
+    # shifted-window mask region, padding apart); None: no constraint
+    groups: Optional[Tensor] = None
 
 
 class Options:
@@ -100,6 +103,9 @@ class Method:
     name: ClassVar[str]
     Options: ClassVar[type]
     requires_class_token: ClassVar[bool] = False
+    # Whether ``reduce`` keeps every merge inside one label of ``BlockTensors.groups``
+    # (pruning mixes nothing, so it does): adapters that pass groups refuse the others.
+    respects_groups: ClassVar[bool] = False
     # Where the adapter calls ``reduce`` in a block (one of STAGES):
     # "after_attention": x is the residual stream after the attention residual,
     #   the reduced tokens go through the MLP (ToMe, EViT);

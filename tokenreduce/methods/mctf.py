@@ -97,7 +97,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..merging import alternating_split_order, merge_by_destination, protect_prefix
+from ..merging import alternating_split_order, forbid_across_groups, merge_by_destination, protect_prefix, unmatched
 from ..reduction import Reduction
 from .base import BlockTensors, Method, Need, Options, check_blocks, check_range, register_method
 
@@ -153,19 +153,21 @@ def mctf_scores(
     tau_sim: float = 1.0,
     tau_info: float = 20.0,
     tau_size: float = 40.0,
+    groups: Optional[Tensor] = None,
 ) -> Tensor:
     """Multi-criteria score W [B, N_A, N_B] between A (even) and B (odd) tokens.
 
     ``metric`` [B, N, C] (block input), ``received`` [B, H, N] the attention each
     token receives in each head (mean over the queries; ``Need.RECEIVED_ATTENTION``)
-    or None, ``sizes`` [B, N, 1] or None. Prefix tokens get −inf (never merged).
+    or None, ``sizes`` [B, N, 1] or None. Prefix tokens get −inf (never merged), and
+    so do pairs of different ``groups`` labels [B, N].
     """
     received = None if received is None else received_over_heads(received)
-    return _scores(metric, received, sizes, num_prefix_tokens, tau_sim, tau_info, tau_size)
+    return _scores(metric, received, sizes, num_prefix_tokens, tau_sim, tau_info, tau_size, groups)
 
 
 def _scores(metric: Tensor, received: Optional[Tensor], sizes: Optional[Tensor], num_prefix_tokens: int,
-            tau_sim: float, tau_info: float, tau_size: float) -> Tensor:
+            tau_sim: float, tau_info: float, tau_size: float, groups: Optional[Tensor] = None) -> Tensor:
     with torch.no_grad(), torch.autocast(metric.device.type, enabled=False):
         metric = metric.detach().float()
         a, b = metric[:, ::2], metric[:, 1::2]
@@ -187,7 +189,7 @@ def _scores(metric: Tensor, received: Optional[Tensor], sizes: Optional[Tensor],
             weight = size_weight if weight is None else weight * size_weight
         if weight is not None:
             scores = scores.mul_(weight[:, ::2, None]).mul_(weight[:, None, 1::2])
-        return protect_prefix(scores, num_prefix_tokens)
+        return forbid_across_groups(protect_prefix(scores, num_prefix_tokens), groups)
 
 
 def received_over_heads(received: Tensor) -> Tensor:
@@ -203,13 +205,17 @@ def _token_weight(value: Tensor, tau: float) -> Tensor:
 
 
 def bidirectional_matching(
-    scores: Tensor, r: int, num_tokens: int, num_prefix_tokens: int, bidirectional: bool = True
-) -> tuple[Tensor, Tensor, Tensor]:
+    scores: Tensor, r: int, num_tokens: int, num_prefix_tokens: int, bidirectional: bool = True,
+    groups: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """MCTF's two-way bipartite matching on scores [B, N_A, N_B].
 
     Returns ``destination`` [B, N] (the token each token ends in), ``merged``
-    [B, N] (the r tokens that disappear) and ``order`` [B, N] (output order of
-    the survivors), for :func:`~tokenreduce.merging.merge_by_destination`.
+    [B, N] (the r tokens that disappear), ``order`` [B, N] (output order of
+    the survivors) and ``set_aside`` (None without ``groups``; else [B, N]: the
+    disappearing tokens whose chosen match had no partner in their group, with
+    the A tokens that had merged into such a B token), for
+    :func:`~tokenreduce.merging.merge_by_destination`.
     """
     batch, num_a, num_b = scores.shape
     device = scores.device
@@ -221,6 +227,9 @@ def bidirectional_matching(
     best, best_b = scores.max(dim=-1)
     sources = best.argsort(dim=-1, descending=True)[:, :r1]
     targets = best_b.gather(1, sources)
+    set_aside = None if groups is None else torch.zeros_like(merged)
+    if set_aside is not None:
+        set_aside.scatter_(1, 2 * sources, unmatched(best.gather(1, sources), groups))
     if r2 > 0:
         # B → unmerged A, on the same scores with the merged A rows removed.
         remaining = scores.scatter(1, sources.unsqueeze(-1).expand(-1, -1, num_b), -math.inf)
@@ -229,6 +238,8 @@ def bidirectional_matching(
         sources2 = edges2[:, :r2]
         destination.scatter_(1, 2 * sources2 + 1, 2 * best_a.gather(1, sources2))
         merged.scatter_(1, 2 * sources2 + 1, torch.ones_like(sources2, dtype=torch.bool))
+        if set_aside is not None:
+            set_aside.scatter_(1, 2 * sources2 + 1, unmatched(best2.gather(1, sources2), groups))
         # Output order: prefix, A by position, B by decreasing second-step score.
         key = position.repeat(batch, 1)
         key[:, 1::2].scatter_(1, edges2, 2 * num_tokens + torch.arange(num_b, device=device).expand(batch, -1))
@@ -236,10 +247,14 @@ def bidirectional_matching(
         order = key.argsort(dim=1)
     else:
         order = alternating_split_order(num_tokens, num_prefix_tokens, device).expand(batch, -1)
-    # A sources follow their B target, which may itself have moved in the second step.
+    # A sources follow their B target, which may itself have moved in the second step
+    # (or been set aside: then they are set aside with it, never mixed across groups).
     destination.scatter_(1, 2 * sources, destination.gather(1, 2 * targets + 1))
     merged.scatter_(1, 2 * sources, torch.ones_like(sources, dtype=torch.bool))
-    return destination, merged, order
+    if set_aside is not None:
+        followers = set_aside.gather(1, 2 * sources) | set_aside.gather(1, 2 * targets + 1)
+        set_aside.scatter_(1, 2 * sources, followers)
+    return destination, merged, order, set_aside
 
 
 def mctf_reduction(
@@ -253,22 +268,27 @@ def mctf_reduction(
     tau_size: float = 40.0,
     bidirectional: bool = True,
     pooling: str = "attention",
+    groups: Optional[Tensor] = None,
 ) -> Reduction:
-    """The MCTF reduction of the block input ``x`` [B, N, C] merging r tokens;
-    ``received`` [B, H, N] as for :func:`mctf_scores`."""
+    """The MCTF reduction of the block input ``x`` [B, N, C] merging r tokens
+    (only inside ``groups`` labels [B, N] when given); ``received`` [B, H, N] as
+    for :func:`mctf_scores`."""
     num_tokens = x.shape[1]
     received = None if received is None else received_over_heads(received)
-    scores = _scores(x, received, sizes, num_prefix_tokens, tau_sim, tau_info, tau_size)
-    destination, merged, order = bidirectional_matching(scores, r, num_tokens, num_prefix_tokens, bidirectional)
-    reduction = merge_by_destination(destination, merged, order, num_tokens - r)
+    scores = _scores(x, received, sizes, num_prefix_tokens, tau_sim, tau_info, tau_size, groups)
+    destination, merged, order, set_aside = bidirectional_matching(
+        scores, r, num_tokens, num_prefix_tokens, bidirectional, groups)
+    reduction = merge_by_destination(destination, merged, order, num_tokens - r, set_aside)
     if pooling == "size" or received is None:
         return reduction
     weight = received
     if sizes is not None:
         weight = weight * sizes[..., 0].float()
+    if reduction.mass is not None:
+        weight = weight * reduction.mass
     total = weight.new_zeros(weight.shape[0], reduction.num_out).scatter_add_(1, reduction.out_index, weight)
     weight = weight / total.gather(1, reduction.out_index)
-    return Reduction.sparse(reduction.out_index, reduction.num_out, weight=weight)
+    return Reduction.sparse(reduction.out_index, reduction.num_out, weight=weight, mass=reduction.mass)
 
 
 @register_method
@@ -279,6 +299,7 @@ class MCTF(Method):
     name = "mctf"
     Options = MCTFOptions
     stage = "before_attention"
+    respects_groups = True
 
     def __init__(self, options: MCTFOptions, num_blocks: int, num_prefix_tokens: int) -> None:
         super().__init__(options, num_blocks, num_prefix_tokens)
@@ -295,7 +316,7 @@ class MCTF(Method):
             return None
         o = self.options
         return mctf_reduction(inputs.x, inputs.received_attention, inputs.sizes, r, self.num_prefix_tokens,
-                              o.tau_sim, o.tau_info, o.tau_size, o.bidirectional, o.pooling)
+                              o.tau_sim, o.tau_info, o.tau_size, o.bidirectional, o.pooling, inputs.groups)
 
     @contextlib.contextmanager
     def reducing_by(self, r: Number) -> Iterator[None]:

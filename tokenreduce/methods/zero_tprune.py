@@ -157,9 +157,9 @@ def zero_tprune_reduction(
     formed in bounded pieces), ``keys`` [B, H, N, D] (needed when ``prune_s`` > 0).
     Drops ``prune_s`` then ``prune_i`` patch tokens; keeps the prefix and the kept
     tokens in their original order."""
-    batch, _, num_tokens, _ = maps.queries.shape
+    batch, _, num_tokens, _ = maps.shape
     prefix = num_prefix_tokens
-    device = maps.queries.device
+    device = maps.device
     prefix_index = torch.arange(prefix, device=device).expand(batch, -1)
     survivors = None
     if prune_s > 0:
@@ -246,6 +246,7 @@ class ZeroTPrune(Method):
 
     name = "zero_tprune"
     Options = ZeroTPruneOptions
+    respects_groups = True  # pruning: no token mixes with another
 
     def __init__(self, options: ZeroTPruneOptions, num_blocks: int, num_prefix_tokens: int) -> None:
         super().__init__(options, num_blocks, num_prefix_tokens)
