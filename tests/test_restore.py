@@ -151,3 +151,44 @@ def test_restore_runs_in_one_compiled_graph():
     explanation = torch._dynamo.explain(model.forward_features)(x)
     assert explanation.graph_break_count == 0
     assert torch.allclose(torch.compile(model.forward_features)(x), model.forward_features(x), atol=1e-4)
+
+
+def test_chained_reductions_restore_as_nested_undos():
+    """The state keeps one offset, not each reduction's input and output: the result
+    is still the nested undo, residual: before + spread(y − after); copy: spread(y),
+    the input where nothing was fed."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 3)
+    merge = Reduction.merge(torch.tensor([[0, 0, 1, 2, 3, 3], [0, 1, 1, 2, 3, 2]]), num_out=4)
+    select = Reduction.select(torch.tensor([[0, 2, 3], [3, 1, 0]]))
+    for form in ("residual", "copy"):
+        state = ReductionState(restore_form=form)
+        after_merge = state.apply(merge, x)
+        after_select = state.apply(select, after_merge)
+        y = torch.randn_like(after_select)
+
+        def undo(reduction, out, before, after):
+            if form == "copy" or reduction.is_selection:
+                return reduction.restore(out, fill=before)
+            return before + reduction.restore(out - after, fill=torch.zeros_like(before))
+
+        expected = undo(merge, undo(select, y, after_merge, after_select), x, after_merge)
+        torch.testing.assert_close(state.restore(y), expected)
+        assert state.frames == [] and state.offset is None
+
+
+@pytest.mark.parametrize("form", ["residual", "copy"])
+@pytest.mark.parametrize("method, options", [("tome", dict(r=100)), ("token_transforming", ACTIVE["token_transforming"]),
+                                             ("evit", ACTIVE["evit"])])
+def test_restore_mode_does_not_raise_the_forward_peak_memory(method, options, form):
+    """Undoing is affine, so restore mode holds one grid of offsets, not every
+    reduction's input and output (ToMe residual at 448 px: twice the peak before).
+    That grid is the price of restoring: a reduction must save more than it (ToMe
+    r=100 of 785 tokens per block here; r=4 saves less and peaks 8 % higher)."""
+    import tokenreduce.evaluation as ev
+
+    model = timm.create_model("vit_tiny_patch16_224", global_pool="avg", depth=4, dynamic_img_size=True).eval()
+    device, input_size = torch.device("cpu"), (3, 448, 448)
+    baseline = ev.peak_forward_memory(model, input_size, 4, device)
+    tokenreduce.apply(model, method, mode="restore", restore_form=form, **options)
+    assert 0 < ev.peak_forward_memory(model, input_size, 4, device) <= baseline

@@ -31,25 +31,19 @@ class Restore:
 
 @dataclass
 class _Frame:
-    """One reduction as restore mode needs to undo it: the tokens that entered
-    it (``before``), those it produced (``after``, residual form only) and the
-    sizes / source map that were current before it."""
+    """One reduction as restore mode needs to undo it, and the sizes / source
+    map that were current before it."""
 
     reduction: Reduction
-    before: Tensor
-    after: Optional[Tensor]
+    num_in: int
     sizes: Optional[Tensor]
     source: Optional[Tensor]
 
-    def undo(self, y: Tensor) -> Tensor:
-        """``y`` (the outputs of this reduction, later) on the grid that entered it.
-
-        A reduction with its own ``inverse`` is undone by it in both forms: the
-        inverse is a method's reconstruction of every position from the outputs
-        (Expedit: W·y), not a map whose residual update would mean the same."""
-        if self.after is None or self.reduction.is_selection or self.reduction.inverse is not None:
-            return self.reduction.restore(y, fill=self.before)
-        return self.before + self.reduction.restore(y - self.after, fill=torch.zeros_like(self.before))
+    def spread(self, y: Tensor) -> Tensor:
+        """The linear part of undoing the reduction: outputs ``y`` back onto its
+        inputs, zero where an input fed no output. A reduction with its own
+        ``inverse`` (Expedit's W·y reconstruction) is undone by that map."""
+        return self.reduction.restore(y, fill=y.new_zeros(y.shape[0], self.num_in, y.shape[-1]))
 
 
 class ReductionState:
@@ -72,6 +66,11 @@ class ReductionState:
     tomesd unmerges); ``"copy"`` gives each position the output of that token
     itself. Pruned tokens keep their value at the reduction in both forms, and a
     reduction with its own ``inverse`` is restored by that map in both forms.
+
+    Undoing a reduction is affine, undo(y) = spread(y) + undo(0), so the state
+    keeps the reductions and one ``offset`` on the first grid (the sum of each
+    undo(0) spread back there) instead of every reduction's input and output:
+    restore mode costs one token grid of memory, not two per reduction.
     """
 
     def __init__(self, trace_source: bool = False, restore_form: Optional[str] = None) -> None:
@@ -86,6 +85,7 @@ class ReductionState:
         self.source_history: list[tuple[int, Tensor]] = []
         self.token_counts: list[int] = []
         self.frames: list[_Frame] = []
+        self.offset: Optional[Tensor] = None
 
     def record_tokens(self, x: Tensor) -> None:
         self.record_count(x.shape[1])
@@ -105,16 +105,31 @@ class ReductionState:
             self.source_history.append((len(self.token_counts) - 1, self.source))
         reduced, self.sizes = reduction.apply(x, sizes)
         if self.restore_form is not None:
-            after = reduced if self.restore_form == "residual" else None
-            self.frames.append(_Frame(reduction, x, after, sizes, source))
+            self._remember(_Frame(reduction, x.shape[1], sizes, source), x, reduced)
         return reduced
+
+    def _remember(self, frame: _Frame, before: Tensor, after: Tensor) -> None:
+        """Add ``frame``'s undo(0) to the offset: the input of a position no output
+        covers; in residual form also minus what its token held (undo(y) =
+        before + spread(y - after)), so that the update since is what comes back."""
+        if frame.reduction.inverse is not None:
+            constant = None
+        elif self.restore_form == "residual" and not frame.reduction.is_selection:
+            constant = before - frame.spread(after)
+        else:
+            constant = frame.reduction.restore(torch.zeros_like(after), fill=before)
+        if constant is not None:
+            for earlier in reversed(self.frames):
+                constant = earlier.spread(constant)
+            self.offset = constant if self.offset is None else self.offset + constant
+        self.frames.append(frame)
 
     def restored(self, x: Tensor) -> Tensor:
         """``x`` brought back to the token grid before every reduction so far
         (the state is left as it is: for intermediates)."""
         for frame in reversed(self.frames):
-            x = frame.undo(x)
-        return x
+            x = frame.spread(x)
+        return x if self.offset is None else x + self.offset
 
     def restore(self, x: Tensor) -> Tensor:
         """Like :meth:`restored`, then forget the reductions: sizes and source
@@ -125,4 +140,5 @@ class ReductionState:
         first = self.frames[0]
         self.sizes, self.source = first.sizes, first.source
         self.frames.clear()
+        self.offset = None
         return x
