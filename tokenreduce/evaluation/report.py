@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from .inference import SampleResults
 from .metrics import feature_fidelity
@@ -54,27 +54,37 @@ def _table_cells(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     ]
 
 
-def format_markdown(report: dict[str, Any]) -> str:
-    """The comparison as a Markdown table, preceded by what it was measured on."""
-    table = _table_cells(report["rows"])
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS) -> str:
+    """Rows as a Markdown table ('-' where not measured)."""
+    table = _table_cells(rows, columns)
     lines = ["| " + " | ".join(line) + " |" for line in table]
     lines.insert(1, "|" + "---|" * len(table[0]))
+    return "\n".join(lines)
+
+
+def describe_timing(report: dict[str, Any]) -> str:
+    """How throughput was measured, for a table's caption."""
     throughput = report.get("throughput") or {}
-    timing = (f"throughput: batch {throughput.get('batch_size')}, device {report['device']}, amp {report['amp']}"
-              if throughput else "throughput not measured")
+    return (f"throughput: batch {throughput.get('batch_size')}, device {report['device']}, amp {report['amp']}"
+            if throughput else "throughput not measured")
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The comparison as a Markdown table, preceded by what it was measured on."""
     caption = (f"{report['weights']}; {report['num_images']} images of `{Path(report['data']).name}` "
-               f"({Path(report['data']).parent.name}); {timing}. Written by `tools/eval_imagenet.py`.")
-    return caption + "\n\n" + "\n".join(lines)
+               f"({Path(report['data']).parent.name}); {describe_timing(report)}. Written by `tools/eval_imagenet.py`.")
+    return caption + "\n\n" + markdown_table(report["rows"])
 
 
 README_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
 
 
-def write_markdown(path: Path, report: dict[str, Any]) -> None:
-    """Write the Markdown table; into an existing file between README_MARKERS when
+def write_markdown(path: Path, report: dict[str, Any],
+                   markdown: Callable[[dict[str, Any]], str] = format_markdown) -> None:
+    """Write ``markdown(report)``; into an existing file between README_MARKERS when
     it has them (so the README's results are the tool's output, not typed by hand)."""
     start, end = README_MARKERS
-    text = format_markdown(report)
+    text = markdown(report)
     if path.exists() and start in (old := path.read_text()) and end in old:
         head, rest = old.split(start, 1)
         text = head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1]
@@ -94,13 +104,14 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     return "\n".join(lines)
 
 
-def write_results(path: Path, report: dict[str, Any]) -> None:
-    """Save a report: its rows as CSV (.csv), as a Markdown table (.md, see
+def write_results(path: Path, report: dict[str, Any],
+                  markdown: Callable[[dict[str, Any]], str] = format_markdown) -> None:
+    """Save a report: its rows as CSV (.csv), as ``markdown(report)`` (.md, see
     ``write_markdown``), else the whole of it as JSON."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".md":
-        write_markdown(path, report)
+        write_markdown(path, report, markdown)
     elif path.suffix.lower() == ".csv":
         rows = report["rows"]
         columns = list(dict.fromkeys(key for row in rows for key in row))

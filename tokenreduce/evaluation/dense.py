@@ -26,7 +26,9 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import evaluation as ev
+from .data import evenly_spaced, read_image_list
+from .device import autocast
+from .distributed import all_gather_cat
 
 SALIENT = 0.5  # threshold of iou50: a pixel is salient when its map value is >= SALIENT
 
@@ -82,7 +84,7 @@ def box_mask(boxes: Tensor, size: Sequence[int]) -> Tensor:
 
 
 class DenseImages(Dataset):
-    """The images of one or more folders (labels ignored), read as ``ev.read_image_list`` does.
+    """The images of one or more folders (labels ignored), read as ``read_image_list`` does.
 
     Items are ``(pixels, box, index)``: ``transform`` maps a PIL image to the
     pixels and the (top, left, height, width) box they cover (e.g.
@@ -95,11 +97,11 @@ class DenseImages(Dataset):
         if not roots:
             raise ValueError("no data folder given")
         self.roots = [Path(root) for root in roots]
-        listings = [[path for path, _ in ev.read_image_list(root)[0]] for root in self.roots]
+        listings = [[path for path, _ in read_image_list(root)[0]] for root in self.roots]
         self.counts = {str(root): len(listing) for root, listing in zip(self.roots, listings)}
         paths = [path for listing in listings for path in listing]
         self.total = len(paths)
-        self.paths = [paths[i] for i in ev.evenly_spaced(len(paths), limit)]
+        self.paths = [paths[i] for i in evenly_spaced(len(paths), limit)]
         self.transform = transform
 
     def __len__(self) -> int:
@@ -127,12 +129,12 @@ def evaluate_maps(models: Sequence[nn.Module], loader: DataLoader, device: torch
         valid = box_mask(boxes.to(device), images.shape[-2:])
         maps = []
         for model in models:
-            with ev.autocast(device, amp):
+            with autocast(device, amp):
                 maps.append(model(images).float())
         for m, other in enumerate(maps):
             parts[m].append(MapAgreement(*(t.cpu() for t in map_agreement(maps[0], other, valid).tensors())))
         indices.append(index)
-    index = ev.all_gather_cat(torch.cat(indices), device)
+    index = all_gather_cat(torch.cat(indices), device)
     total = len(loader.dataset)
     # position of each image's first result among the gathered ones (ranks in order)
     first = torch.full((total,), len(index)).scatter_reduce(0, index, torch.arange(len(index)), "amin")
@@ -141,6 +143,6 @@ def evaluate_maps(models: Sequence[nn.Module], loader: DataLoader, device: torch
 
     def in_order(model_parts: list[MapAgreement]) -> MapAgreement:
         columns = zip(*(part.tensors() for part in model_parts))
-        return MapAgreement(*(ev.all_gather_cat(torch.cat(column), device)[first] for column in columns))
+        return MapAgreement(*(all_gather_cat(torch.cat(column), device)[first] for column in columns))
 
     return [in_order(model_parts) for model_parts in parts]
