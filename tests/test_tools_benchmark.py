@@ -113,6 +113,24 @@ def test_benchmark_csv_matches_json(bench):
         assert json.loads(line["profile"])["fraction"] == pytest.approx(row["profile"]["fraction"])
 
 
+def test_benchmark_markdown_fills_its_section_of_a_readme(tmp_path, capsys):
+    """--out README.md --section NAME: the table replaces only what is between the NAME markers."""
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- speed:start -->\nold table\n<!-- speed:end -->\nrest\n")
+    json_path = tmp_path / "b.json"
+    argv = [*BASE_ARGS, "--setting", "tome:r=8", "--img-size", "64", "--no-memory", "--section", "speed",
+            "--out", str(readme), "--out", str(json_path)]
+    assert benchmark.main(argv) == 0
+    text, (row,) = readme.read_text(), json.loads(json_path.read_text())["rows"]
+    assert text.startswith("intro\n<!-- speed:start -->\n") and text.endswith("<!-- speed:end -->\nrest\n")
+    assert "old table" not in text and "Written by `tools/benchmark.py`" in text
+    (line,) = [line for line in text.splitlines() if line.startswith("| vit_tiny")]
+    assert f"| {row['speedup']:.2f}x |" in line and f"| {row['gflops']:.3f} |" in line
+    with pytest.raises(SystemExit):
+        benchmark.main([*BASE_ARGS, "--section", "bad name"])
+    assert "--section: section name 'bad name'" in capsys.readouterr().err
+
+
 def test_benchmark_compiled_columns(tmp_path):
     """--compile times torch.compile of each model next to eager (eager backend: fast)."""
     path = tmp_path / "c.json"

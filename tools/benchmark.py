@@ -105,9 +105,17 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.ArgumentParser, argp
     run.add_argument("--profile", action="store_true",
                      help="time breakdown of a forward: reduction scoring / apply, attention, MLP, other")
     run.add_argument("--profile-forwards", type=int, default=2, help="forwards averaged by --profile (default 2)")
+    run.add_argument("--section", default="benchmark",
+                     help="with an --out .md file that has <!-- NAME:start --> / <!-- NAME:end --> markers, the "
+                          "table replaces what is between them (default NAME: benchmark)")
     run.add_argument("--out", action="append", default=[], type=Path,
-                     help="write results: .json (everything), .csv (one line per row); repeatable")
+                     help="write results: .json (everything), .csv (one line per row), .md (a Markdown table; "
+                          "see --section); repeatable")
     args = parser.parse_args(argv)
+    try:
+        ev.section_markers(args.section)
+    except ValueError as error:
+        parser.error(f"--section: {error}")
     args.model = args.model or [DEFAULT_MODEL]
     args.batch_size = args.batch_size or [32]
     for name in ("repeats", "batches", "profile_forwards", "threads"):
@@ -121,8 +129,8 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.ArgumentParser, argp
         if bad:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {bad[0]}")
     for path in args.out:
-        if path.suffix.lower() not in (".json", ".csv"):
-            parser.error(f"--out {path}: use a .json or .csv file name")
+        if path.suffix.lower() not in (".json", ".csv", ".md"):
+            parser.error(f"--out {path}: use a .json, .csv or .md file name")
     if args.compile_mode and not args.compile:
         parser.error("--compile-mode needs --compile")
     return parser, args
@@ -324,9 +332,20 @@ def run(args: argparse.Namespace, device: torch.device, log: Any = print) -> dic
         print(f"\ntime per forward by part ({timer}, {args.profile_forwards} profiled forwards; the profiler's "
               "per-op cost inflates the reduction's many small ops)\n" + ev.format_table(profile_lines, PROFILE_TABLE))
     for path in args.out:
-        ev.write_results(path, report)
+        ev.write_results(path, report, lambda report: format_markdown(report, columns),
+                         ev.section_markers(args.section))
         print(f"wrote {path}")
     return report
+
+
+def format_markdown(report: dict[str, Any], columns: list[tuple[str, str, str]]) -> str:
+    """The table in Markdown, preceded by what it was measured on."""
+    timing = report["timing"]
+    caption = (f"{report['device_name']}, amp {report['amp']}, torch {report['torch']}, timm {report['timm']}; "
+               f"median of {timing['repeats']} interleaved repeats x {timing['batches']} batches; weights: "
+               + "; ".join(f"{model} {weights}" for model, weights in report["models"].items())
+               + ". Written by `tools/benchmark.py`.")
+    return caption + "\n\n" + ev.markdown_table(report["rows"], columns) + "\n"
 
 
 def main(argv: Optional[list[str]] = None) -> int:

