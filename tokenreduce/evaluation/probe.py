@@ -72,3 +72,54 @@ def fit_linear_probe(features: Tensor, labels: Tensor, num_classes: Optional[int
         optimizer.step(closure)
     folded = weight.detach() / std
     return folded.float(), (bias.detach() - folded @ mean).float()
+
+
+class AttentionPoolingProbe(nn.Module):
+    """A learned query cross-attending to a set of tokens, then a linear head:
+    how a vision-language model's first layers consume visual tokens, small
+    enough to fit on CPU. Any number of tokens in, logits out; trained on all
+    tokens, evaluated on the tokens a selector keeps."""
+
+    def __init__(self, dim: int, num_classes: int, heads: int = 4) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens [B, M, C] → logits [B, K]."""
+        keys = self.norm(tokens)
+        pooled, _ = self.attention(self.query.expand(len(tokens), -1, -1), keys, keys, need_weights=False)
+        return self.head(pooled[:, 0])
+
+
+def fit_attention_probe(tokens: Tensor, labels: Tensor, num_classes: Optional[int] = None, epochs: int = 30,
+                        batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.05, heads: int = 4,
+                        seed: int = 0, progress=None) -> AttentionPoolingProbe:
+    """Train an :class:`AttentionPoolingProbe` on tokens [N, M, C] (any float dtype;
+    batches are cast to float32) with AdamW and a cosine schedule; returns it in
+    eval mode. ``progress`` wraps the epoch range (e.g. tqdm)."""
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
+    num_classes = num_classes or int(labels.max()) + 1
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes})")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        probe = AttentionPoolingProbe(tokens.shape[-1], num_classes, heads)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * -(-len(tokens) // batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    probe.train()
+    with torch.enable_grad():
+        for _ in (progress or iter)(range(epochs)):
+            for batch in torch.randperm(len(tokens), generator=generator).split(batch_size):
+                loss = F.cross_entropy(probe(tokens[batch].float()), labels[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+    return probe.eval()

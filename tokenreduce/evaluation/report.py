@@ -54,17 +54,22 @@ def _table_cells(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     ]
 
 
-def format_markdown(report: dict[str, Any]) -> str:
-    """The comparison as a Markdown table, preceded by what it was measured on."""
-    table = _table_cells(report["rows"])
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS) -> str:
+    """Rows as a Markdown table ('-' where not measured); ``columns`` as for :func:`format_table`."""
+    table = _table_cells(rows, columns)
     lines = ["| " + " | ".join(line) + " |" for line in table]
     lines.insert(1, "|" + "---|" * len(table[0]))
+    return "\n".join(lines)
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The comparison as a Markdown table, preceded by what it was measured on."""
     throughput = report.get("throughput") or {}
     timing = (f"throughput: batch {throughput.get('batch_size')}, device {report['device']}, amp {report['amp']}"
               if throughput else "throughput not measured")
     caption = (f"{report['weights']}; {report['num_images']} images of `{Path(report['data']).name}` "
                f"({Path(report['data']).parent.name}); {timing}. Written by `tools/eval_imagenet.py`.")
-    return caption + "\n\n" + "\n".join(lines)
+    return caption + "\n\n" + markdown_table(report["rows"])
 
 
 README_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
