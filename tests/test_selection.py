@@ -235,6 +235,8 @@ def test_select_refuses_bad_arguments(tiny_vit):
         tokenreduce.select(tiny_vit, images, method="tome", keep=4)
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['start_layer'\] for selector 'vispruner'"):
         tokenreduce.select(tiny_vit, images, method="vispruner", keep=4, start_layer=1)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['r'\] for selector 'divprune'; allowed: \[\]"):
+        selection.choose("divprune", torch.randn(1, 8, 4), torch.rand(1, 1, 8), 4, r=2)
     with pytest.raises(ValueError, match="layer=4 must be a block index from -4 to 3"):
         tokenreduce.select(tiny_vit, images, keep=4, layer=4)
     with pytest.raises(ValueError, match="start_layer=3 .* must not come after layer=-2"):

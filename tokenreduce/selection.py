@@ -223,24 +223,37 @@ def select(model: nn.Module, images: Tensor, method: str = "vispruner", keep: in
     Returns (features [B, keep, C], indices [B, keep] ascending) of the patch
     tokens (prefix tokens excluded), features as the block outputs them.
     """
+    options = _selector_options(method, options)
+    _check_supported(model)
+    rows, cols = model.patch_embed.dynamic_feat_size(images.shape[-2:])
+    check_keep(keep, int(rows) * int(cols))  # before the forward, not after it
+    features, scores = read_vit(model, images, layer, options.pop("start_layer", None))
+    indices = choose(method, features, scores, keep, **options)
+    return gather_tokens(features, indices), indices
+
+
+def _selector_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The selector's options with their defaults; ValueError for an unknown selector or option."""
     if method not in SELECTORS:
         raise ValueError(f"unknown selector {method!r}; available: {list(SELECTORS)}")
     unknown = sorted(set(options) - set(SELECTOR_OPTIONS[method]))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for selector {method!r}; "
                          f"allowed: {sorted(SELECTOR_OPTIONS[method])}")
-    options = {**SELECTOR_OPTIONS[method], **options}
-    start = options.pop("start_layer", None)
-    _check_supported(model)
-    rows, cols = model.patch_embed.dynamic_feat_size(images.shape[-2:])
-    check_keep(keep, int(rows) * int(cols))  # before the forward, not after it
-    features, scores = read_vit(model, images, layer, start)
+    return {**SELECTOR_OPTIONS[method], **options}
+
+
+def choose(method: str, features: Tensor, layer_scores: Tensor, keep: int, **options: Any) -> Tensor:
+    """Ascending indices [B, keep] of selector ``method`` from what :func:`read_vit`
+    gives: features [B, N, C] and attention scores [B, L, N] (the last row is the
+    selection layer's). ``start_layer`` is not an option here: ``layer_scores``
+    already holds the layers VTC-CLS sums."""
+    options = _selector_options(method, options)
+    options.pop("start_layer", None)
     if method == "divprune":
-        indices = divprune(features, keep)
-    elif method == "fastervlm":
-        indices = fastervlm(scores[:, -1], keep)
-    elif method == "vtc_cls":
-        indices = vtc_cls(scores, keep)
-    else:
-        indices = vispruner(features, scores[:, -1], keep, **options)
-    return gather_tokens(features, indices), indices
+        return divprune(features, keep)
+    if method == "fastervlm":
+        return fastervlm(layer_scores[:, -1], keep)
+    if method == "vtc_cls":
+        return vtc_cls(layer_scores, keep)
+    return vispruner(features, layer_scores[:, -1], keep, **options)

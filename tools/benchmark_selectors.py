@@ -63,13 +63,7 @@ def workloads(args: argparse.Namespace, device: torch.device) -> dict[str, Calla
     generator = torch.Generator().manual_seed(args.seed)
     features = torch.randn(args.batch_size, args.tokens, args.channels, generator=generator).to(device)
     scores = torch.randn(args.batch_size, args.layers, args.tokens, generator=generator).softmax(-1).to(device)
-    runs = {
-        "divprune": lambda: selection.divprune(features, args.keep),
-        "fastervlm": lambda: selection.fastervlm(scores[:, -1], args.keep),
-        "vispruner": lambda: selection.vispruner(features, scores[:, -1], args.keep),
-        "vtc_cls": lambda: selection.vtc_cls(scores, args.keep),
-    }
-    return {name: runs[name] for name in args.selector}
+    return {name: (lambda name=name: selection.choose(name, features, scores, args.keep)) for name in args.selector}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -124,16 +124,10 @@ def extract(saliency: nn.Module, dataset: ev.ImageDataset, args: argparse.Namesp
 
 
 def choose(selector: str, features: Tensor, scores: Tensor, keep: int, generator: torch.Generator) -> Tensor:
-    """Ascending kept indices [B, keep] of one selector (or the random reference)."""
+    """Ascending kept indices [B, keep] of one selector (at its defaults) or of the random reference."""
     if selector == "random":
         return torch.rand(features.shape[:2], generator=generator).argsort(dim=1)[:, :keep].sort(dim=1).values
-    if selector == "divprune":
-        return selection.divprune(features, keep)
-    if selector == "fastervlm":
-        return selection.fastervlm(scores[:, -1], keep)
-    if selector == "vtc_cls":
-        return selection.vtc_cls(scores, keep)
-    return selection.vispruner(features, scores[:, -1], keep)
+    return selection.choose(selector, features, scores, keep)
 
 
 def measure(probe: nn.Module, val: dict[str, Any], selector: str, keep: int, args: argparse.Namespace,
