@@ -85,8 +85,8 @@ def test_each_selector_matches_its_per_image_reference(keep):
             assert _run(name, features, layer_importance, keep)[b].tolist() == expected[name], name
 
 
-@pytest.mark.parametrize("options", [{"important_ratio": 0.0}, {"important_ratio": 1.0}, {"important_ratio": 0.25, "step": 3},
-                                     {"important_ratio": 0.8, "step": 1}])
+@pytest.mark.parametrize("options", [{"important_ratio": 0.0}, {"important_ratio": 1.0},
+                                     {"important_ratio": 0.25, "step": 3}, {"important_ratio": 0.8, "step": 1}])
 def test_vispruner_options_match_the_reference(options):
     features, layer_importance = _scores_and_features(tokens=37, seed=1)  # odd count: a has one more than b
     for keep in (5, 18):
