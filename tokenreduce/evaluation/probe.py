@@ -78,20 +78,31 @@ class AttentionPoolingProbe(nn.Module):
     """A learned query cross-attending to a set of tokens, then a linear head:
     how a vision-language model's first layers consume visual tokens, small
     enough to fit on CPU. Any number of tokens in, logits out; trained on all
-    tokens, evaluated on the tokens a selector keeps."""
+    tokens, evaluated on the tokens a selector keeps.
+
+    Multi-head attention with one learned query q, computed in its cheap form:
+    head h's logits q_h·(W_k,h x_i)/√d are x_i·u_h (the key bias is the same for
+    every token, so softmax drops it), and Σ_i p_i·W_v,h x_i = W_v,h Σ_i p_i x_i,
+    so tokens are pooled before the value projection: O(N·C·heads) per sample,
+    not O(N·C²)."""
 
     def __init__(self, dim: int, num_classes: int, heads: int = 4) -> None:
         super().__init__()
+        if dim % heads:
+            raise ValueError(f"heads={heads} must divide the token width {dim}")
         self.norm = nn.LayerNorm(dim)
-        self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.logits = nn.Linear(dim, heads, bias=False)  # u_h = W_k,hᵀ q_h / √d
+        self.values = nn.Parameter(torch.randn(heads, dim // heads, dim) * dim ** -0.5)  # W_v,h
+        self.value_bias = nn.Parameter(torch.zeros(heads, dim // heads))
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens [B, M, C] → logits [B, K]."""
-        keys = self.norm(tokens)
-        pooled, _ = self.attention(self.query.expand(len(tokens), -1, -1), keys, keys, need_weights=False)
-        return self.head(pooled[:, 0])
+        x = self.norm(tokens)
+        weights = self.logits(x).softmax(dim=1)  # [B, M, heads]
+        pooled = torch.einsum("bmh,bmc->bhc", weights, x)
+        values = torch.einsum("bhc,hdc->bhd", pooled, self.values) + self.value_bias
+        return self.head(values.flatten(1))
 
 
 def fit_attention_probe(tokens: Tensor, labels: Tensor, num_classes: Optional[int] = None, epochs: int = 30,
