@@ -299,10 +299,11 @@ def test_eval_selectors_tool_end_to_end(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     import eval_selectors
 
-    out = tmp_path / "selectors.json"
+    out, readme = tmp_path / "selectors.json", tmp_path / "README.md"
+    readme.write_text("before\n<!-- selectors:start -->\nold table\n<!-- selectors:end -->\nafter\n")
     argv = ["--limit", "6", "--train-limit", "10", "--epochs", "1", "--keep", "16", "--selector", "vispruner",
             "--selector", "random", "--workers", "0", "--cache-dir", str(tmp_path), "--out", str(out),
-            "--out", str(tmp_path / "selectors.md")]
+            "--out", str(readme)]
     assert eval_selectors.main(argv) == 0
     report = json.loads(out.read_text())
     assert report["num_images"] == 6 and report["num_train_images"] == 10
@@ -311,6 +312,8 @@ def test_eval_selectors_tool_end_to_end(tmp_path):
     everything = report["rows"][0]
     assert everything["coverage"] == pytest.approx(1.0) and everything["saliency_share"] == pytest.approx(1.0)
     assert all(0 < row["coverage"] < 1 and 0 < row["saliency_share"] < 1 for row in report["rows"][1:])
-    assert "| vispruner | 16 |" in (tmp_path / "selectors.md").read_text()
+    text = readme.read_text()
+    assert "| vispruner | 16 |" in text and "old table" not in text
+    assert text.startswith("before\n<!-- selectors:start -->\n") and text.endswith("<!-- selectors:end -->\nafter\n")
     assert eval_selectors.main(argv) == 0  # the second run reads the cached features
     assert json.loads(out.read_text())["rows"][1] == report["rows"][1]

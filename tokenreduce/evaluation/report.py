@@ -78,8 +78,12 @@ README_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
 def write_markdown(path: Path, report: dict[str, Any]) -> None:
     """Write the Markdown table; into an existing file between README_MARKERS when
     it has them (so the README's results are the tool's output, not typed by hand)."""
-    start, end = README_MARKERS
-    text = format_markdown(report)
+    write_between_markers(path, format_markdown(report))
+
+
+def write_between_markers(path: Path, text: str, markers: tuple[str, str] = README_MARKERS) -> None:
+    """Write ``text`` to ``path``, or only between ``markers`` when the file exists and has them."""
+    start, end = markers
     if path.exists() and start in (old := path.read_text()) and end in old:
         head, rest = old.split(start, 1)
         text = head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1]
