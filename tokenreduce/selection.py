@@ -97,15 +97,19 @@ def vispruner(features: Tensor, importance: Tensor, keep: int, important_ratio: 
     order = importance.argsort(dim=1, descending=True, stable=True)
     important, residual = order[:, :num_important], order[:, num_important:]
     if num_diverse:
-        unit = F.normalize(features.float(), dim=-1)
-        while residual.shape[1] > num_diverse:
-            tokens = _gather_tokens(unit, residual)
-            a, b = tokens[:, ::2], tokens[:, 1::2]
-            drop = min(step, residual.shape[1] - num_diverse, a.shape[1])
-            redundancy = (a @ b.transpose(1, 2)).amax(dim=2)
+        # every round's a·bᵀ is a block of one cosine matrix of the candidates: formed once, then gathered
+        candidates = F.normalize(_gather_tokens(features.float(), residual), dim=-1)
+        cosine = (candidates @ candidates.transpose(1, 2)).flatten(1)  # [B, R0·R0]
+        num_candidates = residual.shape[1]
+        remaining = _all_tokens(batch, num_candidates, features.device)  # positions in ``residual``
+        while remaining.shape[1] > num_diverse:
+            a, b = remaining[:, ::2], remaining[:, 1::2]
+            drop = min(step, remaining.shape[1] - num_diverse, a.shape[1])
+            pairs = (a[:, :, None] * num_candidates + b[:, None, :]).flatten(1)
+            redundancy = cosine.gather(1, pairs).view(batch, a.shape[1], b.shape[1]).amax(dim=2)
             kept_a = redundancy.argsort(dim=1, descending=True, stable=True)[:, drop:]
-            residual = torch.cat([residual[:, ::2].gather(1, kept_a), residual[:, 1::2]], dim=1)
-        important = torch.cat([important, residual], dim=1)
+            remaining = torch.cat([a.gather(1, kept_a), b], dim=1)
+        important = torch.cat([important, residual.gather(1, remaining)], dim=1)
     return important.sort(dim=1).values
 
 
