@@ -285,6 +285,11 @@ def test_benchmark_selectors_tool_times_every_selector(tmp_path):
     report = json.loads(out.read_text())
     assert [row["selector"] for row in report["rows"]] == list(selection.SELECTORS)
     assert all(len(row["ms_runs"]) == 2 and row["ms_per_batch"] > 0 for row in report["rows"])
+    table = tmp_path / "speed.md"
+    assert benchmark_selectors.main(["--batch-size", "1", "--tokens", "16", "--channels", "4", "--keep", "4",
+                                     "--layers", "1", "--repeats", "1", "--selector", "divprune",
+                                     "--out", str(table)]) == 0
+    assert "| divprune |" in table.read_text() and "| vispruner |" not in table.read_text()
     with pytest.raises(ValueError, match="keep=37"):
         benchmark_selectors.main(["--tokens", "36", "--keep", "37"])
 

@@ -29,6 +29,7 @@ from torch import Tensor  # noqa: E402
 from tokenreduce import evaluation as ev  # noqa: E402
 from tokenreduce import selection  # noqa: E402
 
+README_MARKERS = ("<!-- selector-speed:start -->", "<!-- selector-speed:end -->")  # --out README.md fills these
 COLUMNS = [("selector", "selector", "{}"), ("ms_per_batch", "ms / batch", "{:.2f}"),
            ("ms_per_image", "ms / image", "{:.3f}")]
 
@@ -47,7 +48,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats, median taken (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per selector first (default 1)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", action="append", default=[], type=Path, help=".json or .csv; repeatable")
+    parser.add_argument("--out", action="append", default=[], type=Path,
+                        help=".json, .csv or .md (the table; into README.md between the "
+                             "<!-- selector-speed:start/end --> markers); repeatable")
     args = parser.parse_args(argv)
     for name in ("batch_size", "tokens", "channels", "layers", "repeats"):
         if getattr(args, name) < 1:
@@ -96,7 +99,12 @@ def main(argv: Optional[list[str]] = None) -> int:
               "layers": args.layers, "keep": args.keep, "device": str(device), "threads": torch.get_num_threads(),
               "repeats": args.repeats, "rows": rows}
     for path in args.out:
-        ev.write_results(path, report)
+        if path.suffix.lower() == ".md":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            text = caption + ". Written by `tools/benchmark_selectors.py`.\n\n" + ev.markdown_table(rows, COLUMNS)
+            ev.write_between_markers(path, text, README_MARKERS)
+        else:
+            ev.write_results(path, report)
         print(f"wrote {path}")
     return 0
 
