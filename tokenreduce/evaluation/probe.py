@@ -72,3 +72,65 @@ def fit_linear_probe(features: Tensor, labels: Tensor, num_classes: Optional[int
         optimizer.step(closure)
     folded = weight.detach() / std
     return folded.float(), (bias.detach() - folded @ mean).float()
+
+
+class AttentionPoolingProbe(nn.Module):
+    """A learned query cross-attending to a set of tokens, then a linear head:
+    how a vision-language model's first layers consume visual tokens, small
+    enough to fit on CPU. Any number of tokens in, logits out; trained on all
+    tokens, evaluated on the tokens a selector keeps.
+
+    Multi-head attention with one learned query q, computed in its cheap form:
+    head h's logits q_h·(W_k,h x_i)/√d are x_i·u_h (the key bias is the same for
+    every token, so softmax drops it), and Σ_i p_i·W_v,h x_i = W_v,h Σ_i p_i x_i,
+    so tokens are pooled before the value projection: O(N·C·heads) per sample,
+    not O(N·C²)."""
+
+    def __init__(self, dim: int, num_classes: int, heads: int = 4) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"heads={heads} must divide the token width {dim}")
+        self.norm = nn.LayerNorm(dim)
+        self.logits = nn.Linear(dim, heads, bias=False)  # u_h = W_k,hᵀ q_h / √d
+        self.values = nn.Parameter(torch.randn(heads, dim // heads, dim) * dim ** -0.5)  # W_v,h
+        self.value_bias = nn.Parameter(torch.zeros(heads, dim // heads))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens [B, M, C] → logits [B, K]."""
+        x = self.norm(tokens)
+        weights = self.logits(x).softmax(dim=1)  # [B, M, heads]
+        pooled = torch.einsum("bmh,bmc->bhc", weights, x)
+        values = torch.einsum("bhc,hdc->bhd", pooled, self.values) + self.value_bias
+        return self.head(values.flatten(1))
+
+
+def fit_attention_probe(tokens: Tensor, labels: Tensor, num_classes: Optional[int] = None, epochs: int = 20,
+                        batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.05, heads: int = 4,
+                        seed: int = 0, progress=None) -> AttentionPoolingProbe:
+    """Train an :class:`AttentionPoolingProbe` on tokens [N, M, C] (any float dtype;
+    batches are cast to float32) with AdamW and a cosine schedule; returns it in
+    eval mode. ``progress`` wraps the epoch range (e.g. tqdm)."""
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
+    num_classes = num_classes or int(labels.max()) + 1
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes})")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        probe = AttentionPoolingProbe(tokens.shape[-1], num_classes, heads)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * -(-len(tokens) // batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    probe.train()
+    with torch.enable_grad():
+        for _ in (progress or iter)(range(epochs)):
+            for batch in torch.randperm(len(tokens), generator=generator).split(batch_size):
+                loss = F.cross_entropy(probe(tokens[batch].float()), labels[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+    return probe.eval()

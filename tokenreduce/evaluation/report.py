@@ -91,8 +91,12 @@ def write_markdown(path: Path, report: dict[str, Any],
                    markers: tuple[str, str] = README_MARKERS) -> None:
     """Write ``markdown(report)``; into an existing file between ``markers`` when
     it has them (so the README's results are the tool's output, not typed by hand)."""
+    write_between_markers(path, markdown(report), markers)
+
+
+def write_between_markers(path: Path, text: str, markers: tuple[str, str] = README_MARKERS) -> None:
+    """Write ``text`` to ``path``, or only between ``markers`` when the file exists and has them."""
     start, end = markers
-    text = markdown(report)
     if path.exists() and start in (old := path.read_text()) and end in old:
         head, rest = old.split(start, 1)
         text = head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1]
