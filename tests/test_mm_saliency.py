@@ -80,6 +80,21 @@ def test_reduced_encoder_decoder_equals_core_reduction(path, photo_batch):
     assert (probability - baseline).abs().max() > 1e-3  # the reduction acts
 
 
+@pytest.mark.slow
+def test_reduced_saliency_model_trains_a_step():
+    """mmseg's binary loss (sigmoid cross-entropy) reaches the decoder and, through ToMe's restore,
+    every backbone weight."""
+    from mmengine.optim import build_optim_wrapper
+    model = mm_utils.build_model(mm_utils.load_config(REDUCED[0])).train()
+    batch = mm_utils.synthetic_batch("segmentation", 224, 224, batch_size=2, num_classes=2)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    optimizer = build_optim_wrapper(model, dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=1e-4)))
+    losses = model.train_step(batch, optimizer)
+    assert set(losses) >= {"decode.loss_ce"} and all(torch.isfinite(v).all() for v in losses.values())
+    unchanged = [k for k, v in model.named_parameters() if torch.equal(v, before[k])]
+    assert not unchanged
+
+
 def test_head_refuses_options_the_decoder_fixes():
     with pytest.raises(ValueError, match=r"\['num_classes'\] are fixed by the img-focus decoder"):
         ImgFocusSaliencyHead(num_classes=3)
