@@ -82,7 +82,11 @@ What this implementation chooses:
   No proportional attention, as in the official code.
 
 The functions take the patch tokens as a [B, h0, w0, C] grid so a windowed
-backbone (Swin) can cluster per window with the same math.
+backbone (Swin) can cluster per window with the same math: on timm's Swin
+(``tokenreduce/adapters/swin.py``) ``grid`` is per window (``(5, 5)`` or 0.5:
+7×7 → 5×5), ``location`` counts blocks over all stages, the rest of that stage
+runs on the clusters with 5×5 windows and the reconstruction comes before the
+next PatchMerging (official Mask2Former Swin-L setting: τ=0.01, k=10).
 """
 from __future__ import annotations
 
@@ -361,11 +365,15 @@ class Cluster(Method):
     name = "cluster"
     Options = ClusterOptions
     stage = "before_attention"  # at the input of the block after ``location``
+    forms_grid = True
 
     def __init__(self, options: ClusterOptions, num_blocks: int, num_prefix_tokens: int) -> None:
         super().__init__(options, num_blocks, num_prefix_tokens)
         location = options.location
         self.location = max(0, round(num_blocks * 10 / 24) - 1) if location is None else location
+
+    def output_grid(self, token_grid: tuple[int, int]) -> tuple[int, int]:
+        return centroid_grid(self.options.grid, token_grid)
 
     def needs(self, block: int) -> Need:
         active = block == self.location + 1 and self.options.grid != 1.0
@@ -379,7 +387,7 @@ class Cluster(Method):
         if inputs.x.shape[1] != prefix + rows * cols:
             raise ValueError(f"method 'cluster' needs the full {rows}×{cols} token grid at block {inputs.block}, "
                              f"got {inputs.x.shape[1] - prefix} patch tokens")
-        grid = centroid_grid(self.options.grid, (rows, cols))
+        grid = self.output_grid((rows, cols))
         if grid == (rows, cols):
             return None
         options = self.options
