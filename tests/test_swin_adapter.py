@@ -7,7 +7,8 @@ import timm
 import torch
 
 import tokenreduce
-from tokenreduce.adapters.swin import Windows, _blocks, centroid_cells, merged_bias
+from tokenreduce.adapters.swin import _ATTR, Windows, _blocks, centroid_cells, clustered_block, merged_bias, resized_bias
+from tokenreduce.methods.cluster import cluster_reduction
 from tokenreduce.reduction import Reduction
 
 # Tiny Swin v1 models (random weights) covering the geometries the adapter must get right.
@@ -18,11 +19,13 @@ SWIN_VARIANTS = {
     "dynamic": dict(img_size=112, strict_img_size=False),  # masks built per forward; fed 92x124
 }
 ACTIVE = {
+    "cluster": dict(location=0, grid=0.5),  # windows 7x7 -> 5x5 (4x4 -> 3x3) at block 1, back before PatchMerging
     "tome": dict(ratio=0.5),
     "mctf": dict(r=0.3),  # blocks 1-3, before attention, one-step-ahead
     "zero_tprune": dict(locations=(1, 2), prune_s=0.2, prune_i=0.2),
 }
 INACTIVE = {
+    "cluster": dict(location=0, grid=1.0),
     "tome": dict(ratio=0.0),
     "mctf": dict(r=0),
     "zero_tprune": dict(locations=(1, 2), prune_s=0, prune_i=0),
@@ -41,7 +44,7 @@ def make_swin(variant: str, seed: int = 0, **kwargs) -> torch.nn.Module:
     """Random weights, LayerNorm shifts included (timm starts them at zero), so that
     LayerNorm(0) ≠ 0 and padding cells must be zeroed after the norm, as timm does."""
     torch.manual_seed(seed)
-    args = dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), **SWIN_VARIANTS[variant], **kwargs)
+    args = {"embed_dim": 16, "depths": (2, 2), "num_heads": (1, 2), **SWIN_VARIANTS[variant], **kwargs}
     model = timm.create_model("swin_tiny_patch4_window7_224", **args).eval()
     for module in model.modules():
         if isinstance(module, torch.nn.LayerNorm):
@@ -236,7 +239,7 @@ def test_merged_window_attends_like_the_window_with_each_member_holding_its_toke
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("setting", ["tome", "mctf", "mctf_precise", "zero_tprune"])
+@pytest.mark.parametrize("setting", ["cluster", "tome", "mctf", "mctf_precise", "zero_tprune"])
 def test_compiled_reduced_swin_is_one_graph_with_the_eager_outputs(setting):
     model, x = make_swin("padded"), swin_input("padded")
     options = dict(ACTIVE[setting.split("_precise")[0]], **({"one_step_ahead": False} if "precise" in setting else {}))
@@ -290,7 +293,7 @@ def test_methods_that_cannot_work_per_window_are_refused():
     model = make_swin("shifted")
     for method, options in (("evit", dict(locations=(1,))), ("token_transforming", dict(blocks=(1,)))):
         with pytest.raises(ValueError, match=rf"method '{method}' needs a class token, which Swin has not; "
-                                             r"methods that work on Swin: \['mctf', 'tome', 'zero_tprune'\]"):
+                                             r"methods that work on Swin: \['cluster', 'mctf', 'tome', 'zero_tprune'\]"):
             tokenreduce.apply(model, method, **options)
     with pytest.raises(ValueError, match="SwinTransformerV2 is not supported"):
         tokenreduce.apply(timm.create_model("swinv2_tiny_window8_256", embed_dim=16, depths=(1, 1),
@@ -334,3 +337,84 @@ def test_padding_costs_no_mlp_flops():
     tokenreduce.apply(model, "tome", ratio=0.01)  # acts in every block, merges nothing
     norm_on_padding = 2 * 5 * ((28 ** 2 - 25 ** 2) * 16 + (14 ** 2 - 13 ** 2) * 32)
     assert tokenreduce.count_flops(model, (3, 100, 100)) == pytest.approx(baseline + norm_on_padding / 1e9, abs=1e-9)
+
+
+# --------------------------------------------------------------------------- clustering (Expedit)
+
+
+def test_clustering_runs_the_rest_of_the_stage_on_the_clusters_and_reconstructs_each_window(swin_variant):
+    """Blocks on the clusters that change nothing (attention and MLP outputs zeroed): the
+    stage output is each window's reconstruction W·s of its clusters, on the full grid."""
+    model, x = make_swin(swin_variant, depths=(2, 3), num_heads=(1, 2)), swin_input(swin_variant)
+    blocks = _blocks(model)
+    with torch.no_grad():  # block 2 runs whole; the clustering is at the input of block 3
+        tokens = blocks[2](model.layers[1].downsample(model.layers[0](model.patch_embed(x))))
+    tokenreduce.apply(model, "cluster", mode="restore", location=2, grid=0.5, k=4)
+    for block in blocks[3:]:
+        for layer in (block.attn.proj, block.mlp.fc2):
+            torch.nn.init.zeros_(layer.weight)
+            torch.nn.init.zeros_(layer.bias)
+    _, maps = model.forward_intermediates(x)
+    windows = Windows(tokens.shape[1], tokens.shape[2], tuple(blocks[3].window_size), (0, 0))
+    side = 3 if swin_variant == "window4_lone" else 5
+    reduction = cluster_reduction(windows.partition(tokens), 0, windows.size, (side, side), 5, 5, 0.02, 4, "l2")
+    expected = windows.reverse(reduction.restore(reduction.apply(windows.partition(tokens), None)[0], fill=None))
+    assert torch.allclose(maps[1].permute(0, 2, 3, 1), expected, atol=1e-5)
+    counts = tokenreduce.token_counts(model)
+    clustered = windows.count * side ** 2
+    assert counts[1:] == [counts[0]] * 2 + [tokens.shape[1] * tokens.shape[2]] + [clustered] * 2
+
+
+def test_a_block_on_the_clusters_is_timms_block_with_the_smaller_window():
+    """Window 5 on the 10x10 clustered grid, shifted by 2 where the block shifts, mask rebuilt
+    for that grid: timm's own block resized to that window (set_input_size), given the same
+    bilinearly resized bias table (timm resizes bicubically; the official Expedit bilinearly)."""
+    model = make_swin("shifted", depths=(2, 4), num_heads=(1, 2))
+    blocks = _blocks(model)
+    references = [copy.deepcopy(blocks[i]) for i in (2, 3)]
+    tokenreduce.apply(model, "cluster", location=1, grid=(5, 5))
+    clusters = torch.randn(2, 10, 10, 32)
+    for reference, block in zip(references, (blocks[2], blocks[3])):
+        table = resized_bias(reference.attn, (5, 5))  # computed from the 7x7 table before resizing
+        reference.set_input_size((10, 10), (5, 5))
+        resized = reference.attn.relative_position_bias_table
+        index = reference.attn.relative_position_index.view(-1)
+        with torch.no_grad():  # write the bilinear table through the new index (every offset occurs)
+            resized[index] = table[0].permute(1, 2, 0).reshape(-1, resized.shape[1])
+        assert reference.shift_size == ((2, 2) if block.shift_size[0] else (0, 0))
+        out = clustered_block(block, clusters, getattr(block, _ATTR), block._tokenreduce_index)
+        assert torch.allclose(out, reference(clusters), atol=1e-5)
+
+
+def test_a_cluster_grid_as_large_as_the_window_is_timm_and_too_large_is_refused():
+    model, x = make_swin("padded"), swin_input("padded")
+    expected = model.forward_features(x)
+    tokenreduce.apply(model, "cluster", mode="restore", location=0, grid=(7, 7))
+    assert torch.equal(model.forward_features(x), expected)
+    tokenreduce.apply(model, "cluster", mode="restore", location=0, grid=(8, 8))
+    with pytest.raises(ValueError, match=r"grid=\(8, 8\) is larger than the 7×7 token grid"):
+        model(x)
+
+
+@pytest.mark.slow
+def test_swin_t_cluster_flops():
+    """Swin-T at 224 px, each 7x7 window of stage 3 clustered to 5x5 at the input of block 7:
+    blocks 7-9 run on 100 cells instead of 196 (linear layers 12·C² per cell, window attention
+    2·area·C per cell, two LayerNorms 5·C each), plus the clustering: avg-pool, 5 rounds of
+    distances and means (all 5x5 centroids are in reach of every token: window 5 spans them),
+    the reconstruction distances, the two sparse maps (25 and k=20 entries per cell) and
+    the bilinear bias resize per block."""
+    model = timm.create_model("swin_tiny_patch4_window7_224").eval()
+    baseline = tokenreduce.count_flops(model)
+    tokenreduce.apply(model, "cluster", location=6, grid=(5, 5), mode="restore")
+    reduced = tokenreduce.count_flops(model)
+    channels, heads, windows, cells, clusters = 384, 12, 4, 196, 100
+    blocks = 3 * ((cells - clusters) * (12 * channels ** 2 + 2 * 5 * channels)
+                  + (cells * 49 - clusters * 25) * 2 * channels)
+    clustering = (cells * channels  # adaptive_avg_pool2d
+                  + 5 * 2 * windows * 49 * 25 * channels  # iterations: distances and means
+                  + windows * 49 * 25 * channels  # reconstruction distances
+                  + cells * (25 + 20) * channels  # the clustering map and the reconstruction map
+                  + 3 * 4 * 9 * 9 * heads)  # bilinear resize of the bias table (4 per output)
+    assert reduced == pytest.approx(baseline - (blocks - clustering) / 1e9, abs=1e-9)
+    assert reduced == pytest.approx(4.006, abs=0.001)

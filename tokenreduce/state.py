@@ -50,7 +50,8 @@ class ReductionState:
     """Token sizes, the optional source map and the token counts of the last forward.
 
     ``grid`` is the patch-token grid (rows, cols) of the forward's image, set by
-    the adapter, for methods that see patch tokens as a grid (clustering).
+    the adapter, for methods that see patch tokens as a grid (clustering; on Swin
+    the grid of the stage that was clustered, which its last block reconstructs).
     ``sizes`` [B, N, 1] counts the input patches (and prefix tokens) each token
     stands for; None until the first reduction (all ones). ``source`` [B, N, N0]
     says which of the N0 input tokens each token covers (only with ``trace_source``);

@@ -18,7 +18,8 @@ method is bit-identical to timm; only classes change (state-dict keys do not),
 and ``remove`` swaps them back. The model's own ``forward``,
 ``forward_features`` and ``forward_intermediates`` run unchanged on full grids.
 
-Tokens always come back at the end of the block that reduced them: so on Swin
+Tokens always come back at the end of the block that reduced them (a
+grid-forming method's at the end of the stage, below): so on Swin
 ``mode="reduce"`` runs as restore mode (what follows a block is a window reverse
 and a shift, which need every cell), ``restore_at`` has one meaning (reduced
 tokens never outlive their block: its end is both "block" and "end") and
@@ -42,7 +43,19 @@ The rule for merged tokens in window attention:
 Attention on merged tokens only runs for MCTF with ``one_step_ahead=False``:
 ToMe and Zero-TPrune reduce after attention (the MLP runs on fewer tokens), and
 MCTF's one-step-ahead attention is this block's unreduced map, bias and mask
-included, merged through the reduction. Padding cells enter attention as zeros,
+included, merged through the reduction.
+
+A method that reduces to a grid (``Method.forms_grid``: Expedit's clustering)
+works by stage instead, as the official Expedit Swin: at the input of its block
+every unshifted window (zero padding included, as timm pads; the official code
+clusters the padding cells too) is clustered to a smaller window of g cells
+(7×7 → 5×5), those windows are put back together as a smaller grid, and this
+block and the rest of its stage run timm's block on that grid with windows of
+g: shifted by g//2 where timm's block shifts, the shift mask rebuilt for that
+grid, the relative position bias table resized bilinearly (as the official
+``resize_rpb_table``; timm's own ``set_input_size`` resizes bicubically). The
+last block of the stage reconstructs the full grid (the method's ``inverse``,
+per window), so PatchMerging and the stage's feature map see every cell. Padding cells enter attention as zeros,
 as in timm, and the MLP skips the tokens that hold padding only (timm crops
 padding before its MLP). ``token_counts`` counts the tokens of all windows of an image;
 ``source_map`` / ``source_maps`` are per window ([B·nW, M, N]).
@@ -57,7 +70,9 @@ from timm.models._features import FeatureDictNet, FeatureGetterNet
 from timm.models.swin_transformer import (
     SwinTransformer,
     SwinTransformerBlock,
+    SwinTransformerStage,
     WindowAttention,
+    get_relative_position_index,
     window_partition,
     window_reverse,
 )
@@ -353,6 +368,82 @@ def mlp_residual(block: SwinTransformerBlock, y: Tensor, image: Optional[Tensor]
     return flat.index_copy(0, rows, taken + block.mlp(block.norm2(taken))).view_as(y)
 
 
+def region_mask(windows: Windows, like: Tensor) -> Optional[Tensor]:
+    """timm's shifted-window mask [nW, N, N] (0 within a region, −100 across) for
+    any window size and shift (a clustered grid's), or None without a shift."""
+    if not any(windows.shift):
+        return None
+    regions = like.new_zeros(1, *windows.padded, 1)
+    cuts = [(slice(0, -size), slice(-size, -shift), slice(-shift, None)) if shift else (slice(None),)
+            for size, shift in zip(windows.size, windows.shift)]
+    for label, (rows, cols) in enumerate((rows, cols) for rows in cuts[0] for cols in cuts[1]):
+        regions[:, rows, cols] = label
+    labels = window_partition(regions, windows.size).view(-1, windows.area)
+    return (labels.unsqueeze(1) != labels.unsqueeze(2)).to(like.dtype) * -100.0
+
+
+def resized_bias(attn: WindowAttention, size: tuple[int, int]) -> Tensor:
+    """The relative position bias [1, H, N, N] of windows of ``size``: the table
+    resized bilinearly from (2·window − 1)² to (2·size − 1)² offsets (as the
+    official Expedit Swin, ``resize_rpb_table``), then indexed as timm does."""
+    window = attn.window_size
+    table = attn.relative_position_bias_table.t().reshape(1, -1, 2 * window[0] - 1, 2 * window[1] - 1)
+    table = F.interpolate(table, size=(2 * size[0] - 1, 2 * size[1] - 1), mode="bilinear", align_corners=False)
+    table = table.flatten(2)[0].t()  # [(2h − 1)(2w − 1), H]
+    area = size[0] * size[1]
+    index = get_relative_position_index(*size, device=table.device).view(-1)
+    return table[index].view(area, area, -1).permute(2, 0, 1).unsqueeze(0)
+
+
+def cluster_stage(block: SwinTransformerBlock, x: Tensor, patch: _Patch, index: int) -> Tensor:
+    """A grid-forming method (clustering) at this block's input: every window of
+    the grid (unshifted, zero-padded as timm pads; padding cells are clustered with
+    the rest, as the official Expedit Swin does) becomes a smaller window of
+    tokens, the windows are put back together as a smaller grid, and this block
+    and the rest of its stage run on it (``clustered_block``)."""
+    state, method = patch.state, patch.method
+    windows = Windows(x.shape[1], x.shape[2], tuple(block.window_size), (0, 0))
+    grid = method.output_grid(windows.size)
+    tokens = windows.partition(x)
+    with _profiled(REDUCE_RANGE):
+        reduction = method.reduce(BlockTensors(index, tokens, state.sizes, 0, grid=windows.size))
+    if reduction is None:
+        x = super(ReducingSwinBlock, block).forward(x)
+        state.record_count(x.shape[1] * x.shape[2])
+        return x
+    state.grid = (x.shape[1], x.shape[2])  # the grid the reconstruction returns to
+    with _profiled(APPLY_RANGE):
+        clusters = state.apply(reduction, tokens)
+    padded = windows.padded
+    small = Windows(padded[0] // windows.size[0] * grid[0], padded[1] // windows.size[1] * grid[1], grid, (0, 0))
+    return clustered_block(block, small.reverse(clusters), patch, index)
+
+
+def clustered_block(block: SwinTransformerBlock, x: Tensor, patch: _Patch, index: int) -> Tensor:
+    """timm's block on the clustered grid [B, h, w, C]: windows of the clustered
+    size, shifted by half of it where the block shifts, the shift mask rebuilt for
+    that grid and the relative position bias resized (``resized_bias``). The last
+    block of the stage reconstructs the full grid (the method's inverse, per
+    window) for what follows: PatchMerging, the stage's feature map."""
+    state, method = patch.state, patch.method
+    batch, height, width, channels = x.shape
+    grid = method.output_grid(tuple(block.window_size))
+    shift = tuple(size // 2 if shifted else 0 for size, shifted in zip(grid, block.shift_size))
+    windows = Windows(height, width, grid, shift)
+    mask = region_mask(windows, x)
+    bias = resized_bias(block.attn, grid)
+    bias = bias if mask is None else bias + mask.unsqueeze(1)
+    out, _ = window_attention(block.attn, windows.partition(block.norm1(x)), bias, batch, Need.NOTHING)
+    x = x + block.drop_path1(windows.reverse(out))
+    x = x.reshape(batch, -1, channels)
+    x = (x + block.drop_path2(block.mlp(block.norm2(x)))).reshape(batch, height, width, channels)
+    state.record_count(height * width)
+    if index != block._tokenreduce_stage_end:
+        return x
+    unclustered = Windows(*state.grid, tuple(block.window_size), (0, 0))
+    return unclustered.reverse(state.restore(Windows(height, width, grid, (0, 0)).partition(x)))
+
+
 class ReducingSwinBlock:
     """Mixin over timm ``SwinTransformerBlock``: timm's forward where the method
     does nothing, the windowed reduction (and restore) where it acts."""
@@ -366,10 +457,14 @@ class ReducingSwinBlock:
         if index == 0:  # every forward (whole model, features_only, intermediates) starts here
             state.reset()
             state.record_count(cells)
+        if patch.method.forms_grid and state.frames:  # clusters of an earlier block of this stage
+            return clustered_block(self, x, patch, index)
         if not need:
             x = super().forward(x)
             state.record_count(cells)
             return x
+        if patch.method.forms_grid:
+            return cluster_stage(self, x, patch, index)
         return reduce_in_windows(self, x, patch, index, need)
 
 
@@ -393,8 +488,9 @@ def num_prefix_tokens(model: nn.Module) -> int:
 
 def works_on_swin(method: Union[Method, type[Method]]) -> bool:
     """A method can reduce inside Swin's windows: no class token needed, and its
-    merges stay inside the shifted-window mask regions."""
-    return not method.requires_class_token and method.respects_groups
+    merges stay inside the shifted-window mask regions, or it reduces every
+    (unshifted) window to a smaller grid of tokens (clustering)."""
+    return not method.requires_class_token and (method.respects_groups or method.forms_grid)
 
 
 def check_model(model: nn.Module, method: Method) -> None:
@@ -419,16 +515,23 @@ def check_model(model: nn.Module, method: Method) -> None:
 def install(model: nn.Module, method: Method, trace_source: bool, restore: Optional[Restore] = None) -> None:
     patch = _Patch(method, trace_source, restore or Restore())
     setattr(model, _ATTR, patch)
-    for i, block in enumerate(_blocks(model)):
+    blocks = _blocks(model)
+    for i, block in enumerate(blocks):
         setattr(block, _ATTR, patch)
         block._tokenreduce_index = i
+        block._tokenreduce_stage_end = i
         block.__class__ = _subclass(type(block), ReducingSwinBlock)
+    for stage in (m for m in model.modules() if isinstance(m, SwinTransformerStage)):
+        members = [block for block in stage.blocks if isinstance(block, SwinTransformerBlock)]
+        for block in members:
+            block._tokenreduce_stage_end = members[-1]._tokenreduce_index
 
 
 def uninstall(model: nn.Module) -> None:
     for block in _blocks(model):
         _restore_class(block)
         del block._tokenreduce_index
+        del block._tokenreduce_stage_end
         delattr(block, _ATTR)
     delattr(model, _ATTR)
 

@@ -113,6 +113,10 @@ class Method:
     #   block's on the unreduced tokens, and the attention output is computed for
     #   the reduced tokens (MCTF's one-step-ahead attention).
     stage: ClassVar[str] = "after_attention"
+    # Whether the reduced tokens form a smaller grid (``output_grid``: Expedit's
+    # clustering): a windowed backbone then runs the rest of the stage on that grid
+    # with windows of that size, instead of handing the tokens back after the block.
+    forms_grid: ClassVar[bool] = False
 
     def __init__(self, options: Options, num_blocks: int, num_prefix_tokens: int) -> None:
         options.validate(num_blocks)
@@ -138,6 +142,10 @@ class Method:
         state decay scaled by the original scan steps it stands for (option
         ``align``; ToP-ViM's pruning-aware hidden-state alignment)."""
         return bool(getattr(self.options, "align", False))
+
+    def output_grid(self, token_grid: tuple[int, int]) -> tuple[int, int]:
+        """``forms_grid`` methods: the grid (rows, cols) a token grid is reduced to."""
+        raise NotImplementedError(f"method {self.name!r} does not reduce to a grid")
 
     def needs(self, block: int) -> Need:
         """What this method reads from the token mixer at ``block`` (static per block)."""

@@ -30,13 +30,22 @@ What this implementation chooses:
   (DINOv2 at 224 px, 16×16 → 11×11, window 5: 25 entries per token, not 121).
   The core applies it K·N entries at a time (``Reduction._sum_entries``), so the
   forward's peak memory stays that of the unreduced model. The iterations before
-  it compute the window-masked N×h·w distances with one matmul each way, as the
-  official code does: on CPU (busy machine) that ran 3-6x faster than a sparse
-  loop over the window offsets with the same result at 16×16 → 11×11 (C=384),
-  1.1-1.6x at 40×40 → 28×28 (C=1024), and needs N·h·w memory where gathering
-  every token's window of centroids needs N·K·C. fvcore counts these matmuls:
-  (2·n_iters + 1)·N·h·w·C multiply-adds with W's distances (2.5 % of the
-  DINOv2 ViT-S/14 at 224 px for 16×16 → 12×12).
+  it compute only the distances a window can use: the centroid grid is cut into
+  tiles of window_size² cells, and the tokens that start in a tile meet the
+  centroids the tile reaches (widened by the window radius) in one matmul each
+  way: at most (2·window_size − 1)² centroids per token instead of all h·w, the
+  same softmax entries as the official masked N×h·w form (tested against it).
+  Tiles are slices (no per-token gather: on CPU a loop gathering each token's 25
+  centroids ran 10-20x slower than the dense matmul at 16×16 → 11×11), and one
+  tile's distances are held at a time. fvcore counts the matmuls:
+  2·n_iters·(pairs in the tiles)·C, e.g. 2·5·120²·384 for the DINOv2 ViT-S/14 at
+  224 px, 16×16 → 12×12 (all pairs: 256·144 = 192²); at 800×1344 with ViT-S/16
+  (50×84 → 35×59) 1.2 GFLOPs instead of 33.
+* the reconstruction weights search the k nearest of *all* centroids, as the
+  official code (a token's nearest centroids after clustering need not lie in
+  its window, so a windowed search would change the result): one N×h·w×C
+  matmul (3.3 GFLOPs in that 800×1344 case), in slices of tokens so no more
+  than one [B, N, C] of distances is held.
 * the reconstruction is that Reduction's ``inverse``: a sparse map from the
   centroids back to the N positions with k entries per token, so the core's
   restore mode (``mode="restore"``) reconstructs, in both ``restore_form`` s
@@ -73,7 +82,11 @@ What this implementation chooses:
   No proportional attention, as in the official code.
 
 The functions take the patch tokens as a [B, h0, w0, C] grid so a windowed
-backbone (Swin) can cluster per window with the same math.
+backbone (Swin) can cluster per window with the same math: on timm's Swin
+(``tokenreduce/adapters/swin.py``) ``grid`` is per window (``(5, 5)`` or 0.5:
+7×7 → 5×5), ``location`` counts blocks over all stages, the rest of that stage
+runs on the clusters with 5×5 windows and the reconstruction comes before the
+next PatchMerging (official Mask2Former Swin-L setting: τ=0.01, k=10).
 """
 from __future__ import annotations
 
@@ -137,12 +150,31 @@ def centroid_grid(grid: GridSpec, token_grid: tuple[int, int]) -> tuple[int, int
     return grid
 
 
-class Windows(NamedTuple):
-    """Which centroids each token may join: ``allowed`` [N, M] (dense, for the
-    iterations) and the same as a table, ``index`` [N, K] of centroid indices
-    with ``valid`` [N, K] False where the window leaves the grid."""
+def _float32(value: float) -> float:
+    """``value`` rounded to the nearest float32 (ties to even), in plain Python."""
+    mantissa, exponent = math.frexp(value)
+    return math.ldexp(round(mantissa * (1 << 24)), exponent - 24)
 
-    allowed: Tensor
+
+def axis_labels(num_tokens: int, num_centroids: int) -> list[int]:
+    """The centroid each token starts in along one axis: nearest-neighbour
+    upsampling of the centroid axis to the token axis, as torch's
+    ``F.interpolate(mode="nearest")`` computes it (float32 scale and product,
+    floor), from the sizes alone: the tiles below are plain slices and tracing
+    reads no value from a tensor. (A float64 product differs, e.g. 26 → 44.)"""
+    if num_tokens == num_centroids:
+        return list(range(num_tokens))
+    if num_tokens == 2 * num_centroids:
+        return [i // 2 for i in range(num_tokens)]
+    scale = _float32(num_centroids / num_tokens)  # float64 then float32: correctly rounded (53 ≥ 2·24 + 2)
+    return [min(math.floor(_float32(i * scale)), num_centroids - 1) for i in range(num_tokens)]
+
+
+class Windows(NamedTuple):
+    """Which centroids each token may join: ``index`` [N, K] of centroid indices
+    (its window, row-major), ``valid`` [N, K] False where the window leaves the
+    grid (``index`` is clamped into the grid there)."""
+
     index: Tensor
     valid: Tensor
 
@@ -154,19 +186,40 @@ def centroid_windows(token_grid: tuple[int, int], grid: tuple[int, int], window_
     centroids within ±window_size//2 rows and columns of that one."""
     rows, cols = grid
     radius = window_size // 2
-    labels = torch.arange(rows * cols, device=device, dtype=torch.float32).view(1, 1, rows, cols)
-    labels = F.interpolate(labels, size=token_grid, mode="nearest").view(-1).long()
-    label_row, label_col = labels // cols, labels % cols  # [N]
-    centroid_row = torch.arange(rows, device=device).repeat_interleave(cols)  # [M]
-    centroid_col = torch.arange(cols, device=device).repeat(rows)
-    allowed = (((label_row[:, None] - centroid_row).abs() <= radius)
-               & ((label_col[:, None] - centroid_col).abs() <= radius))
+    label_row = torch.tensor(axis_labels(token_grid[0], rows), device=device).repeat_interleave(token_grid[1])
+    label_col = torch.tensor(axis_labels(token_grid[1], cols), device=device).repeat(token_grid[0])
     offsets = torch.arange(-radius, radius + 1, device=device)
     window_row = (label_row[:, None, None] + offsets[:, None]).expand(-1, window_size, window_size)
     window_col = (label_col[:, None, None] + offsets).expand(-1, window_size, window_size)
     valid = (window_row >= 0) & (window_row < rows) & (window_col >= 0) & (window_col < cols)
     index = window_row.clamp(0, rows - 1) * cols + window_col.clamp(0, cols - 1)
-    return Windows(allowed, index.flatten(1), valid.flatten(1))
+    return Windows(index.flatten(1), valid.flatten(1))
+
+
+class AxisTile(NamedTuple):
+    """One tile along one axis: its tokens [start, stop), the centroids they may
+    join [first, last) (the tile's cells widened by the window radius), and
+    ``allowed`` [tokens, centroids]: which of those each token's window holds."""
+
+    tokens: slice
+    centroids: slice
+    allowed: Tensor
+
+
+def axis_tiles(num_tokens: int, num_centroids: int, window_size: int, device: torch.device) -> list[AxisTile]:
+    """Cut one axis into tiles of ``window_size`` centroid cells with the tokens
+    that start in them (a contiguous run: nearest labels never decrease)."""
+    labels = axis_labels(num_tokens, num_centroids)
+    radius = window_size // 2
+    tiles = []
+    for first in range(0, num_centroids, window_size):
+        last = min(first + window_size, num_centroids)
+        start, stop = sum(label < first for label in labels), sum(label < last for label in labels)
+        low, high = max(0, first - radius), min(num_centroids, last + radius)
+        tile_labels = torch.tensor(labels[start:stop], device=device)
+        allowed = (tile_labels[:, None] - torch.arange(low, high, device=device)).abs() <= radius
+        tiles.append(AxisTile(slice(start, stop), slice(low, high), allowed))
+    return tiles
 
 
 def squared_distances(x: Tensor, centroids: Tensor) -> Tensor:
@@ -186,33 +239,80 @@ class Clustering(NamedTuple):
 
 def cluster_tokens(tokens: Tensor, grid: tuple[int, int], window_size: int, n_iters: int, tau: float) -> Clustering:
     """Expedit's token clustering of a [B, h0, w0, C] grid into ``grid`` centroids,
-    in float32: avg-pool initialisation, then ``n_iters`` rounds of window-masked
-    softmax(−τ‖x − s‖²) assignments (detached) and centroid means."""
+    in float32: avg-pool initialisation, then ``n_iters`` rounds of softmax(−τ‖x − s‖²)
+    over each token's window of centroids (detached) and centroid means.
+
+    The official code computes all N×M distances and masks those outside the
+    windows. Here the centroid grid is cut into tiles of window_size² cells; the
+    tokens starting in a tile are compared (one matmul each way) with the
+    centroids their windows can reach, the tile widened by the window radius:
+    (2·window_size − 1)² per token at most instead of M, the same assignments
+    (the masked softmax sees the same entries). Tiles are slices, so nothing is
+    gathered per token."""
     batch, rows, cols, channels = tokens.shape
+    height, width = grid
     with torch.autocast(tokens.device.type, enabled=False):
         tokens = tokens.float()
         windows = centroid_windows((rows, cols), grid, window_size, tokens.device)
-        centroids = F.adaptive_avg_pool2d(tokens.permute(0, 3, 1, 2), grid).flatten(2).transpose(1, 2)
-        x = tokens.reshape(batch, rows * cols, channels)
+        tiles = [(row, col, (row.allowed[:, None, :, None] & col.allowed[None, :, None, :]).flatten(2).flatten(0, 1))
+                 for row in axis_tiles(rows, height, window_size, tokens.device)
+                 for col in axis_tiles(cols, width, window_size, tokens.device)]
+        members = [tokens[:, row.tokens, col.tokens].reshape(batch, -1, channels) for row, col, _ in tiles]
+        centroids = F.adaptive_avg_pool2d(tokens.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)  # [B, h, w, C]
         for _ in range(n_iters):
-            with torch.no_grad():
-                logits = (-tau * squared_distances(x, centroids)).masked_fill(~windows.allowed, float("-inf"))
-                affinity = logits.softmax(dim=-1)  # [B, N, M], zero outside each token's window
-            total = affinity.sum(dim=1).unsqueeze(-1).clamp_min(1e-16)
-            centroids = (affinity.transpose(1, 2) @ x) / total
-        local = affinity.gather(2, windows.index.expand(batch, -1, -1)) * windows.valid
-    return Clustering(centroids, local, windows)
+            sums = centroids.new_zeros(batch, height, width, channels)
+            totals = centroids.new_zeros(batch, height, width)
+            affinities = []
+            for (row, col, allowed), x in zip(tiles, members):
+                reachable = centroids[:, row.centroids, col.centroids]
+                with torch.no_grad():
+                    logits = -tau * squared_distances(x, reachable.reshape(batch, -1, channels))
+                    affinity = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+                sums[:, row.centroids, col.centroids] += (affinity.transpose(1, 2) @ x).view_as(reachable)
+                totals[:, row.centroids, col.centroids] += affinity.sum(dim=1).view(reachable.shape[:-1])
+                affinities.append(affinity)
+            centroids = sums / totals.clamp_min(1e-16).unsqueeze(-1)  # a centroid no token joins: 0, as official
+        local = window_affinity(affinities, tiles, windows, (rows, cols), width)
+    return Clustering(centroids.reshape(batch, height * width, channels), local, windows)
+
+
+def window_affinity(affinities: list[Tensor], tiles: list, windows: Windows, token_grid: tuple[int, int],
+                    width: int) -> Tensor:
+    """The tiles' affinities [B, tile tokens, reachable centroids] as [B, N, K] in
+    token order over each token's window (0 where the window leaves the grid)."""
+    batch = affinities[0].shape[0]
+    window = windows.index.shape[1]
+    index = windows.index.view(*token_grid, window)
+    out = affinities[0].new_zeros(batch, *token_grid, window)
+    for affinity, (row, col, _) in zip(affinities, tiles):
+        centroid = index[row.tokens, col.tokens].reshape(-1, window)
+        local_row = centroid // width - row.centroids.start
+        local_col = centroid % width - col.centroids.start
+        reach_width = col.centroids.stop - col.centroids.start
+        local = local_row * reach_width + local_col  # a window clamped into the grid stays within reach
+        out[:, row.tokens, col.tokens] = affinity.gather(2, local.expand(batch, -1, -1)).view(
+            batch, row.tokens.stop - row.tokens.start, col.tokens.stop - col.tokens.start, window)
+    return out.view(batch, -1, window) * windows.valid
 
 
 def reconstruction_weights(tokens: Tensor, centroids: Tensor, k: int, tau: float, normalise: str
                            ) -> tuple[Tensor, Tensor]:
     """Expedit's reconstruction map: for each token of ``tokens`` [B, N, C] its
     ``k`` nearest ``centroids`` [B, M, C] (indices [B, N, k]) and weights
-    exp(−τ‖x − s‖²) [B, N, k], L2- or sum-normalised per token (float32)."""
-    k = min(k, centroids.shape[1])
+    exp(−τ‖x − s‖²) [B, N, k], L2- or sum-normalised per token (float32).
+
+    The nearest are searched over all M centroids (as the official code: a
+    token's top k need not lie in its clustering window), N·M·C multiply-adds, in
+    slices of tokens so the distances held at a time stay within one [B, N, C]."""
+    num_tokens, channels = tokens.shape[1:]
+    num_centroids = centroids.shape[1]
+    k = min(k, num_centroids)
+    rows = max(1, num_tokens * channels // num_centroids)
     with torch.autocast(tokens.device.type, enabled=False):
-        distances = squared_distances(tokens.float(), centroids.float()).clamp_min(0)
-        nearest, index = distances.topk(k, dim=-1, largest=False)  # ascending
+        centroids = centroids.float()
+        nearest, index = zip(*(squared_distances(part, centroids).clamp_min(0).topk(k, dim=-1, largest=False)
+                               for part in tokens.float().split(rows, dim=1)))  # ascending
+        nearest, index = torch.cat(nearest, dim=1), torch.cat(index, dim=1)
         weight = torch.exp(-tau * (nearest - nearest[..., :1]))  # the nearest has weight 1: no underflow to 0
         norm = weight.norm(dim=-1, keepdim=True) if normalise == "l2" else weight.sum(dim=-1, keepdim=True)
     return weight / norm, index
@@ -265,11 +365,15 @@ class Cluster(Method):
     name = "cluster"
     Options = ClusterOptions
     stage = "before_attention"  # at the input of the block after ``location``
+    forms_grid = True
 
     def __init__(self, options: ClusterOptions, num_blocks: int, num_prefix_tokens: int) -> None:
         super().__init__(options, num_blocks, num_prefix_tokens)
         location = options.location
         self.location = max(0, round(num_blocks * 10 / 24) - 1) if location is None else location
+
+    def output_grid(self, token_grid: tuple[int, int]) -> tuple[int, int]:
+        return centroid_grid(self.options.grid, token_grid)
 
     def needs(self, block: int) -> Need:
         active = block == self.location + 1 and self.options.grid != 1.0
@@ -283,7 +387,7 @@ class Cluster(Method):
         if inputs.x.shape[1] != prefix + rows * cols:
             raise ValueError(f"method 'cluster' needs the full {rows}×{cols} token grid at block {inputs.block}, "
                              f"got {inputs.x.shape[1] - prefix} patch tokens")
-        grid = centroid_grid(self.options.grid, (rows, cols))
+        grid = self.output_grid((rows, cols))
         if grid == (rows, cols):
             return None
         options = self.options
