@@ -86,7 +86,8 @@ backbone (Swin) can cluster per window with the same math: on timm's Swin
 (``tokenreduce/adapters/swin.py``) ``grid`` is per window (``(5, 5)`` or 0.5:
 7×7 → 5×5), ``location`` counts blocks over all stages, the rest of that stage
 runs on the clusters with 5×5 windows and the reconstruction comes before the
-next PatchMerging (official Mask2Former Swin-L setting: τ=0.01, k=10).
+next PatchMerging (for Swin the paper quotes τ=0.01, k=10; the defaults stay
+the ViT ones).
 """
 from __future__ import annotations
 
