@@ -112,7 +112,8 @@ def test_eval_dense_scores_dtop_from_a_heads_file(tmp_path):
     save_heads(heads_file, nn.ModuleList(ExitHead(hidden=8) for _ in range(2)), (5, 7), {})
     command = [sys.executable, str(REPO / "tools" / "eval_dense.py"), "--limit", "2", "--batch-size", "2",
                "--workers", "0", "--device", "cpu", "--no-throughput", "--data", str(SHARED / "imagenette" / "val"),
-               "--setting", f"dtop:heads={str(heads_file)!r},p0=0.0", "--setting", f"dtop:heads={str(heads_file)!r},p0=1.0",
+               "--setting", f"dtop:heads={str(heads_file)!r},p0=0.0",
+               "--setting", f"dtop:heads={str(heads_file)!r},p0=1.0",
                "--out", str(tmp_path / "r.json")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})

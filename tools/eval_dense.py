@@ -148,7 +148,8 @@ def early_exit_copy(net: nn.Module, keywords: dict[str, Any], options: dict[str,
     if missing:
         raise ValueError(f"exit_after={list(wanted)}: the heads file has heads after blocks {list(blocks)} only")
     chosen = nn.ModuleList(heads[blocks.index(b)] for b in sorted(set(wanted)))
-    return EarlyExitSaliency(net, chosen, sorted(set(wanted)), **{k: v for k, v in keywords.items() if k in DTOP_KEYWORDS}, **options)
+    frozen = {k: v for k, v in keywords.items() if k in DTOP_KEYWORDS}
+    return EarlyExitSaliency(net, chosen, sorted(set(wanted)), **frozen, **options)
 
 
 def measure_flops(net: nn.Module, setting: ev.Setting, dataset: dm.DenseImages) -> dict[str, Any]:

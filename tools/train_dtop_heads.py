@@ -163,9 +163,9 @@ def fit_final(head: ExitHead, norm: torch.nn.Module, features: torch.Tensor, fin
 @torch.no_grad()
 def head_report(head: ExitHead, norm: torch.nn.Module, features: torch.Tensor, targets: torch.Tensor,
                 valid: torch.Tensor, final: torch.Tensor) -> dict[str, float]:
-    """Held-out images (``targets``: the map's patch means): for p0 in (0.9, 0.95, 0.99) the share of patches that would exit
-    and the share that would exit on the wrong side of 0.5; the cosine of the predicted final
-    features to the real ones."""
+    """Held-out images (``targets``: the map's patch means): for p0 in (0.9, 0.95, 0.99) the share
+    of patches that would exit and the share that would exit on the wrong side of 0.5; the cosine
+    of the predicted final features to the real ones."""
     logits = head(patch_grid(features))
     confidence, label = logits.flatten(2).softmax(1).max(1)
     wrong = label != (targets >= dm.SALIENT).long()

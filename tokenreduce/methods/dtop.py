@@ -119,8 +119,8 @@ def exit_decision(logits: Tensor, valid: Tensor, p0: float, top_k: int) -> Tenso
         return confident
     classes = logits.shape[-1]
     # score of each token for each class it would exit with, -1 elsewhere: [B, K, P]
-    per_class = torch.where(confident[:, None] & (label[:, None] == torch.arange(classes, device=label.device)[:, None]),
-                            confidence[:, None], -1.0)
+    of_class = label[:, None] == torch.arange(classes, device=label.device)[:, None]
+    per_class = torch.where(confident[:, None] & of_class, confidence[:, None], -1.0)
     best, index = per_class.topk(keep_k, dim=-1)  # [B, K, k]
     # a class with fewer than k candidates fills its slots with non-candidates (score -1), which
     # may point at a candidate of another class: reduce with amax so such a slot never unmarks it
