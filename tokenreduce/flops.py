@@ -55,6 +55,23 @@ def flop_analysis(model: nn.Module, inputs: torch.Tensor) -> FlopCountAnalysis:
     return analysis
 
 
+def count_flops_per_image(model: nn.Module, images: torch.Tensor) -> list[float]:
+    """GFLOPs of each of ``images`` [B, C, H, W] run alone (batch 1), as the model really runs on it.
+
+    Why: a reduction that depends on the input (DToP's early exit) keeps a different
+    number of tokens per image, and a traced batch would count the padding that
+    batching adds. fvcore traces every image once (seconds each for a ViT-S)."""
+    if images.dim() != 4:
+        raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return [flop_analysis(model, image[None]).total() / 1e9 for image in images]
+    finally:
+        model.train(was_training)
+
+
 def count_flops(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> float:
     """GFLOPs (multiply-adds) of one forward of a single image, as the model really runs."""
     if len(input_size) != 3 or not all(isinstance(s, int) and s > 0 for s in input_size):

