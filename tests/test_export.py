@@ -216,3 +216,35 @@ def test_apply_sees_through_distributed_data_parallel(tmp_path):
         torch.testing.assert_close(model.head.weight.grad, reference.head.weight.grad)
     finally:
         dist.destroy_process_group()
+
+
+def load_export_tool():
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "export.py"
+    spec = importlib.util.spec_from_file_location("tools_export", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_export_tool_checks_the_files_against_eager(tmp_path):
+    tool = load_export_tool()
+    if not tool.DEFAULT_DATA.is_dir():
+        pytest.skip(f"needs the shared images at {tool.DEFAULT_DATA}")
+    report = tool.main(["--model-arg", "depth=2", "--setting", "tome:r=8", "--limit", "3", "--batch-size", "3",
+                        "--repeats", "1", "--output-dir", str(tmp_path), "--out", str(tmp_path / "export.md")])
+    assert [(row["setting"], row["exporter"]) for row in report["rows"]] == [("none", "onnx"), ("tome(r=8)", "onnx")]
+    for row in report["rows"]:
+        assert row["max_abs_diff"] < 1e-4 and row["img_per_s"] > 0
+        assert tool.Path(row["file"]).exists()
+    assert report["rows"][1]["tokens"].startswith("197→189")
+    assert "| tome(r=8) | onnx |" in (tmp_path / "export.md").read_text()
+
+
+def test_export_tool_refuses_checking_at_the_traced_batch_size():
+    with pytest.raises(SystemExit):
+        load_export_tool().parse_args(["--batch-size", "2", "--trace-batch-size", "2"])

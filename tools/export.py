@@ -207,8 +207,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 def caption(report: dict[str, Any]) -> str:
-    return (f"{report['weights']}; max abs diff: largest |exported - eager| over the outputs, {report['images']} images of "
-            f"`{Path(report['data']).name}` in batches of {report['batch_size']} (traced at "
+    return (f"{report['weights']}; max abs diff: largest |exported - eager| over the outputs, {report['images']} "
+            f"images of `{Path(report['data']).name}` in batches of {report['batch_size']} (traced at "
             f"{report['trace_batch_size']}); img/s: ONNX Runtime, CPU, {report['threads']} thread(s), batch "
             f"{report['batch_size']}, median of {report['repeats']} interleaved runs. Written by `tools/export.py`.")
 
