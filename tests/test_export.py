@@ -114,6 +114,17 @@ def test_swin_without_padding_exports_exactly(tmp_path):
         torch.testing.assert_close(run(images(3, 224)), model(images(3, 224)), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
+def test_vim_torch_export_reproduces_eager(tmp_path):
+    model = make_vim()
+    tokenreduce.apply(model, "top_vim", locations=(1,))
+    export_model(model, images(2, 64), tmp_path / "vim.pt2", "torch-export")
+    run = load_exported(tmp_path / "vim.pt2")
+    with torch.no_grad():
+        torch.testing.assert_close(run(images(3, 64)), model(images(3, 64)), atol=1e-4, rtol=0)
+    assert tokenreduce.token_counts(model)[-1] < tokenreduce.token_counts(model)[0]
+
+
 def test_export_rejects_a_mismatched_file_name(tmp_path):
     with pytest.raises(ValueError, match="writes a .pt2 file"):
         export_model(small_vit(), images(1), tmp_path / "model.onnx", "torch-export")
