@@ -79,7 +79,7 @@ from timm.models.swin_transformer import (
 from torch import Tensor, nn
 
 from ..attention import ProbabilityMaps
-from ..exporting import ExportError, is_exporting
+from ..exporting import ExportError
 from ..methods.base import BlockTensors, Method, Need, available_methods, get_method_class
 from ..reduction import Reduction
 from ..state import Restore, ReductionState
@@ -337,10 +337,10 @@ def reduce_in_windows(block: SwinTransformerBlock, x: Tensor, patch: _Patch, ind
     padding = windows.padding(x)
     if padding is not None and torch.onnx.is_in_onnx_export():
         raise ExportError(
-            f"block {index}: a {windows.height}×{windows.width} grid is padded to {windows.size} windows; the padding "
-            "cells are identical tokens whose tied scores ONNX Runtime sorts unlike "
-            "eager PyTorch, so its merges would differ: export at an image size whose grid fills the windows at "
-            "every stage (e.g. 224 for window 7)"
+            f"block {index}: a {windows.height}×{windows.width} grid is padded to {windows.size} windows; the "
+            "padding cells are identical tokens whose tied scores ONNX Runtime sorts unlike eager PyTorch, so its "
+            "merges would differ: export at an image size whose grid fills the windows at every stage "
+            "(e.g. 224 for window 7)"
         )
     groups = window_regions(mask, padding, windows, x.device).repeat(batch, 1)
     b = _Block(block, state, method, index, batch, windows, mask, padding, groups, window_bias(block.attn, mask))
@@ -368,7 +368,7 @@ def mlp_residual(block: SwinTransformerBlock, y: Tensor, image: Optional[Tensor]
     on those rows only (a data-dependent count: not while compiling, nor with
     stochastic depth in training, where every row runs and padding rows are dropped later)."""
     stochastic = block.training and not isinstance(block.drop_path2, nn.Identity)
-    if image is None or stochastic or torch.compiler.is_compiling() or is_exporting():
+    if image is None or stochastic or torch.compiler.is_compiling():
         return y + _per_image(block.drop_path2, block.mlp(block.norm2(y)), batch)
     rows = image.flatten().nonzero().squeeze(-1)
     flat = y.reshape(-1, y.shape[-1])
