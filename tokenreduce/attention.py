@@ -129,19 +129,6 @@ class ProbabilityMaps:
             return self.probabilities.mean(dim=-2)
         return weights.float() @ self.probabilities
 
-    def _pieces(self, size: int) -> list[tuple[slice, list[slice]]]:
-        """(samples, [heads, ...]) slices covering every map among ``size`` tokens,
-        each piece's logits and probabilities within ``max_elements``. While a graph
-        is exported: one head of every sample at a time, so that the batch size
-        stays a dimension of the graph instead of a loop count baked into it."""
-        batch, heads = self.queries.shape[:2]
-        if is_exporting():
-            return [(slice(None), [slice(h, h + 1) for h in range(heads)])]
-        maps = max(1, self.max_elements // (2 * size * size))  # logits + softmax alive at once
-        samples, head_step = (maps // heads, heads) if maps >= heads else (1, maps)
-        head_steps = [slice(h, h + head_step) for h in range(0, heads, head_step)]
-        return [(slice(b, b + samples), head_steps) for b in range(0, batch, samples)]
-
     def per_map(self, fn: Callable[[Tensor], Tensor], tokens: Optional[Tensor] = None) -> Tensor:
         """``fn`` over the maps among ``tokens`` [B, M]: the rows and columns of those
         tokens, renormalised (softmax over the remaining keys gives exactly that)."""
