@@ -256,6 +256,12 @@ def test_export_tool_checks_the_files_against_eager(tmp_path):
     assert "| tome(r=8) | onnx |" in (tmp_path / "export.md").read_text()
 
 
+def test_export_tool_refuses_a_setting_the_model_cannot_take_before_exporting(tmp_path):
+    with pytest.raises(ValueError, match="out of range"):  # top_vim's default blocks 4, 9, 14 on a 2-block ViT
+        load_export_tool().main(["--model-arg", "depth=2", "--setting", "top_vim", "--output-dir", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
+
+
 def test_export_tool_refuses_checking_at_the_traced_batch_size():
     with pytest.raises(SystemExit):
         load_export_tool().parse_args(["--batch-size", "2", "--trace-batch-size", "2"])

@@ -160,6 +160,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     base, weights = ev.load_model(args.model, args.pretrained, args.img_size, model_args or None)
     base.eval()
+    for setting in settings[1:]:  # a setting this model refuses stops the tool before any export
+        tokenreduce.apply(copy.deepcopy(base), setting.method, **setting.options)
     images, unreadable = load_images(args, base)
     print(f"model: {weights}")
     print(f"check: {len(images)} images of {args.data} in batches of {args.batch_size} (traced at "
