@@ -12,7 +12,29 @@ from .state import Restore
 MODES = ("reduce", "restore")
 
 
+WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``nn.DataParallel`` / ``DistributedDataParallel`` (the
+    reduction patches the module the wrapper runs; the wrapper is left as it is).
+
+    DataParallel over several devices copies the module into one replica per
+    device and runs them in threads that would share one reduction state (the
+    token sizes of the forward in progress): refused, use DistributedDataParallel."""
+    while isinstance(model, WRAPPERS):
+        if isinstance(model, nn.DataParallel) and len(model.device_ids) > 1:
+            raise ValueError(
+                f"nn.DataParallel over devices {model.device_ids} is not supported: its replicas run in threads "
+                "sharing one reduction state; use DistributedDataParallel (torchrun, one process per device) "
+                "or apply to the module before wrapping it for one device"
+            )
+        model = model.module
+    return model
+
+
 def _adapter_holding(model: nn.Module):
+    model = _unwrap(model)
     for adapter in ADAPTERS:
         if adapter.is_supported(model) and adapter.method_of(model) is not None:
             return adapter
@@ -22,6 +44,8 @@ def _adapter_holding(model: nn.Module):
 def apply(model: nn.Module, method: str, *, mode: str = "reduce", restore_at: str = "end",
           restore_form: str = "residual", trace_source: bool = False, **options: Any) -> nn.Module:
     """Patch ``model`` in place with ``method`` (re-applying replaces it); returns the model.
+    A ``DataParallel`` / ``DistributedDataParallel`` wrapper is seen through: the
+    module it wraps is patched (the torchrun training path).
 
     ``options`` are the method's (see ``available_methods()``); ``trace_source``
     keeps the map of which input tokens each token covers (``source_map``).
@@ -40,6 +64,7 @@ def apply(model: nn.Module, method: str, *, mode: str = "reduce", restore_at: st
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} must be one of {MODES}")
     restore = Restore(restore_at, restore_form) if mode == "restore" else None
+    wrapper, model = model, _unwrap(model)
     adapter = adapter_for(model)
     method_cls = get_method_class(method)
     built = method_cls(
@@ -50,14 +75,14 @@ def apply(model: nn.Module, method: str, *, mode: str = "reduce", restore_at: st
     remove(model)
     adapter.check_model(model, built)
     adapter.install(model, built, trace_source=trace_source, restore=restore)
-    return model
+    return wrapper
 
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo ``apply``: the original classes and attributes, outputs bit-identical."""
     adapter = _adapter_holding(model)
     if adapter is not None:
-        adapter.uninstall(model)
+        adapter.uninstall(_unwrap(model))
     return model
 
 
@@ -65,7 +90,7 @@ def _state(model: nn.Module):
     adapter = _adapter_holding(model)
     if adapter is None:
         raise ValueError("this model has no token reduction applied; call tokenreduce.apply(model, ...) first")
-    return adapter.state_of(model)
+    return adapter.state_of(_unwrap(model))
 
 
 def token_counts(model: nn.Module) -> list[int]:
@@ -95,4 +120,4 @@ def source_maps(model: nn.Module) -> list[tuple[int, Tensor]]:
 def applied_method(model: nn.Module):
     """The method instance patched into ``model`` (None when unpatched)."""
     adapter = _adapter_holding(model)
-    return None if adapter is None else adapter.method_of(model)
+    return None if adapter is None else adapter.method_of(_unwrap(model))

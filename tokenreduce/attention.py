@@ -17,6 +17,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from .exporting import is_exporting
+
 
 class AttentionMaps:
     """The probabilities of one block's attention, computed from its queries and
@@ -72,6 +74,19 @@ class AttentionMaps:
                 del chunk  # before the next one is formed
         return total / num_tokens if weights is None else total
 
+    def _pieces(self, size: int) -> list[tuple[slice, list[slice]]]:
+        """(samples, [heads, ...]) slices covering every map among ``size`` tokens,
+        each piece's logits and probabilities within ``max_elements``. While a graph
+        is exported: one head of every sample at a time, so that the batch size
+        stays a dimension of the graph instead of a loop count baked into it."""
+        batch, heads = self.queries.shape[:2]
+        if is_exporting():
+            return [(slice(None), [slice(h, h + 1) for h in range(heads)])]
+        maps = max(1, self.max_elements // (2 * size * size))  # logits + softmax alive at once
+        samples, head_step = (maps // heads, heads) if maps >= heads else (1, maps)
+        head_steps = [slice(h, h + head_step) for h in range(0, heads, head_step)]
+        return [(slice(b, b + samples), head_steps) for b in range(0, batch, samples)]
+
     def per_map(self, fn: Callable[[Tensor], Tensor], tokens: Optional[Tensor] = None) -> Tensor:
         """``fn`` over the probability maps among ``tokens`` [B, M] (queries and keys
         restricted to them, softmax over those keys only; None: all tokens).
@@ -80,23 +95,19 @@ class AttentionMaps:
         of whole maps (all heads of a few samples, or a few heads of one sample)
         whose logits and probabilities hold at most ``max_elements`` values (one
         map at least), and its results are put back together as [B, H, ...]."""
-        batch, heads, num_tokens, dim = self.queries.shape
-        size = num_tokens if tokens is None else tokens.shape[1]
-        maps = max(1, self.max_elements // (2 * size * size))  # logits + softmax alive at once
-        samples, head_step = (maps // heads, heads) if maps >= heads else (1, maps)
+        dim = self.queries.shape[-1]
         rows = []
         with torch.no_grad(), torch.autocast(self.queries.device.type, enabled=False):
-            for b in range(0, batch, samples):
+            for samples, head_steps in self._pieces(self.queries.shape[2] if tokens is None else tokens.shape[1]):
                 pieces = []
-                for h in range(0, heads, head_step):
-                    queries = self.queries[b:b + samples, h:h + head_step]
-                    keys = self.keys[b:b + samples, h:h + head_step]
-                    bias = None if self.bias is None else self.bias[b:b + samples]
+                for heads in head_steps:
+                    queries, keys = self.queries[samples, heads], self.keys[samples, heads]
+                    bias = None if self.bias is None else self.bias[samples]
                     if tokens is not None:
-                        index = tokens[b:b + samples, None, :, None]
+                        index = tokens[samples, None, :, None]
                         index = index.expand(-1, queries.shape[1], -1, dim)
                         queries, keys = queries.gather(2, index), keys.gather(2, index)
-                        bias = None if bias is None else bias.gather(-1, tokens[b:b + samples, None, None, :])
+                        bias = None if bias is None else bias.gather(-1, tokens[samples, None, None, :])
                     pieces.append(fn(self._logits(queries, keys, bias).softmax(dim=-1)))
                 rows.append(torch.cat(pieces, dim=1))
         return torch.cat(rows, dim=0)

@@ -5,8 +5,10 @@ with papers that report GMACs as "GFLOPs" (DeiT-S: 4.6; Vim-S: 5.1).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import fields, is_dataclass
 from math import prod
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from fvcore.nn import FlopCountAnalysis
@@ -55,6 +57,28 @@ def flop_analysis(model: nn.Module, inputs: torch.Tensor) -> FlopCountAnalysis:
     return analysis
 
 
+@contextmanager
+def _method_modules_as_constants(model: nn.Module) -> Iterator[None]:
+    """Modules a method holds in its options (DToP's exit heads) are not the model's
+    submodules, so tracing meets their parameters as constants, which the tracer
+    refuses while they require grad: count with their gradients off, then restore."""
+    from .api import applied_method  # the api imports the adapters, which count nothing
+
+    method = applied_method(model)
+    options = getattr(method, "options", None)
+    values = [getattr(options, f.name) for f in fields(options)] if is_dataclass(options) else []
+    modules = [m for v in values for m in (v if isinstance(v, (list, tuple, nn.ModuleList)) else [v])
+               if isinstance(m, nn.Module)]
+    wanted = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    try:
+        for p, _ in wanted:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, requires_grad in wanted:
+            p.requires_grad_(requires_grad)
+
+
 def count_flops_per_image(model: nn.Module, images: torch.Tensor) -> list[float]:
     """GFLOPs of each of ``images`` [B, C, H, W] run alone (batch 1), as the model really runs on it.
 
@@ -66,7 +90,7 @@ def count_flops_per_image(model: nn.Module, images: torch.Tensor) -> list[float]
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _method_modules_as_constants(model):
             return [flop_analysis(model, image[None]).total() / 1e9 for image in images]
     finally:
         model.train(was_training)
@@ -81,7 +105,7 @@ def count_flops(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 22
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _method_modules_as_constants(model):
             return flop_analysis(model, inputs).total() / 1e9
     finally:
         model.train(was_training)

@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .exporting import is_torchscript_onnx_export
+
 
 def _batch_offsets(index: Tensor, stride: int) -> Tensor:
     """Flatten a per-sample index [B, E] into rows of a [B*stride, ...] view."""
@@ -36,11 +38,24 @@ def _batch_offsets(index: Tensor, stride: int) -> Tensor:
     return (index + offsets[:, None]).reshape(-1)
 
 
+def _add_rows(out: Tensor, rows: Tensor, values: Tensor) -> Tensor:
+    """out[rows[e]] += values[e] for out [R, C], rows [E], values [E, C] (repeated rows add up).
+
+    ``index_add_`` in eager and under torch.compile / torch.export; while the
+    TorchScript ONNX exporter traces, a ``scatter_add_`` with the index expanded
+    over the channels (ONNX ScatterElements with reduction "add"), because that
+    exporter writes ``index_add_`` as a scatter that keeps one of the repeated
+    rows instead of their sum: a wrong graph, not an error."""
+    if is_torchscript_onnx_export():
+        return out.scatter_add_(0, rows.unsqueeze(-1).expand(-1, values.shape[-1]), values)
+    return out.index_add_(0, rows, values)
+
+
 def _index_sum(values: Tensor, out_index: Tensor, num_out: int) -> Tensor:
     """out[b, m] = Σ_{e: out_index[b, e] = m} values[b, e]   (values: [B, E, C])."""
     batch, _, channels = values.shape
     out = values.new_zeros(batch * num_out, channels)
-    out.index_add_(0, _batch_offsets(out_index, num_out), values.reshape(-1, channels))
+    _add_rows(out, _batch_offsets(out_index, num_out), values.reshape(-1, channels))
     return out.view(batch, num_out, channels)
 
 
@@ -138,7 +153,7 @@ class Reduction:
             values = x[:, part] if self.in_index is None else _gather_tokens(x, self.in_index[:, part])
             if scale is not None:
                 values = values * scale[:, part].unsqueeze(-1)
-            out.index_add_(0, _batch_offsets(self.out_index[:, part], self.num_out), values.reshape(-1, channels))
+            _add_rows(out, _batch_offsets(self.out_index[:, part], self.num_out), values.reshape(-1, channels))
         return out.view(batch, self.num_out, channels)
 
     def carry(self, state: Tensor) -> Tensor:

@@ -79,6 +79,14 @@ class ReductionState:
         self.restore_form = restore_form
         self.reset()
 
+    def __getstate__(self) -> dict:
+        """Pickled (``torch.save`` of a whole model, ``copy.deepcopy``) without the last
+        forward's tensors: those are per forward, and a source map is B·N·N0."""
+        return {"trace_source": self.trace_source, "restore_form": self.restore_form}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
     def reset(self, grid: Optional[tuple[int, int]] = None) -> None:
         self.grid = grid
         self.sizes: Optional[Tensor] = None

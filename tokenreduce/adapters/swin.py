@@ -79,6 +79,7 @@ from timm.models.swin_transformer import (
 from torch import Tensor, nn
 
 from ..attention import ProbabilityMaps
+from ..exporting import ExportError
 from ..methods.base import BlockTensors, Method, Need, available_methods, get_method_class
 from ..reduction import Reduction
 from ..state import Restore, ReductionState
@@ -334,6 +335,13 @@ def reduce_in_windows(block: SwinTransformerBlock, x: Tensor, patch: _Patch, ind
     windows = Windows(x.shape[1], x.shape[2], tuple(block.window_size), tuple(block.shift_size))
     mask = shift_mask(block, windows, x)
     padding = windows.padding(x)
+    if padding is not None and torch.onnx.is_in_onnx_export():
+        raise ExportError(
+            f"block {index}: a {windows.height}×{windows.width} grid is padded to {windows.size} windows; the "
+            "padding cells are identical tokens whose tied scores ONNX Runtime sorts unlike eager PyTorch, so its "
+            "merges would differ: export at an image size whose grid fills the windows at every stage "
+            "(e.g. 224 for window 7)"
+        )
     groups = window_regions(mask, padding, windows, x.device).repeat(batch, 1)
     b = _Block(block, state, method, index, batch, windows, mask, padding, groups, window_bias(block.attn, mask))
     shortcut = windows.partition(x)

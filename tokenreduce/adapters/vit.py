@@ -350,10 +350,27 @@ _SUBCLASSES: dict[tuple[type, type], type] = {}
 
 
 def _subclass(base: type, mixin: type) -> type:
-    """``mixin`` on top of the concrete timm class (e.g. DeiT distilled), made once."""
+    """``mixin`` on top of the concrete timm class (e.g. DeiT distilled), made once.
+
+    The class is made at run time, so pickle cannot find it by name: its
+    instances pickle as (base, mixin) plus their state (``_reduce_patched``), and
+    unpickling makes the same subclass again, so ``torch.save(model)`` /
+    ``torch.load`` and ``copy.deepcopy`` keep the reduction."""
     if (base, mixin) not in _SUBCLASSES:
-        _SUBCLASSES[(base, mixin)] = type(f"Reducing{base.__name__}", (mixin, base), {})
+        _SUBCLASSES[(base, mixin)] = type(f"Reducing{base.__name__}", (mixin, base),
+                                          {"__reduce_ex__": _reduce_patched})
     return _SUBCLASSES[(base, mixin)]
+
+
+def _new_patched(base: type, mixin: type) -> nn.Module:
+    """An empty instance of the reducing subclass of ``base`` (unpickling fills its state)."""
+    cls = _subclass(base, mixin)
+    return cls.__new__(cls)
+
+
+def _reduce_patched(self: nn.Module, protocol: int) -> tuple:
+    mixin, base = type(self).__bases__
+    return (_new_patched, (base, mixin)) + tuple(object.__reduce_ex__(self, protocol)[2:])
 
 
 def _restore_class(module: nn.Module) -> None:

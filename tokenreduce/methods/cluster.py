@@ -99,6 +99,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..exporting import is_torchscript_onnx_export
 from ..reduction import Reduction
 from .base import BlockTensors, Method, Need, Options, check_range, register_method
 
@@ -238,6 +239,25 @@ class Clustering(NamedTuple):
     windows: Windows
 
 
+def _pooling_matrix(size_in: int, size_out: int, device: torch.device) -> Tensor:
+    """[size_out, size_in]: row i averages ``adaptive_avg_pool``'s window i (floor to ceil)."""
+    out = torch.arange(size_out, device=device)[:, None]
+    position = torch.arange(size_in, device=device)
+    window = (position >= out * size_in // size_out) & (position < ((out + 1) * size_in + size_out - 1) // size_out)
+    return window.float() / window.sum(dim=1, keepdim=True)
+
+
+def _adaptive_mean(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    """``adaptive_avg_pool2d`` of a [B, h0, w0, C] grid to [B, rows, cols, C]. While
+    the TorchScript ONNX exporter traces, as two products with pooling matrices:
+    that exporter refuses output sizes that do not divide the input's."""
+    if not is_torchscript_onnx_export():
+        return F.adaptive_avg_pool2d(tokens.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)
+    rows = _pooling_matrix(tokens.shape[1], grid[0], tokens.device)
+    cols = _pooling_matrix(tokens.shape[2], grid[1], tokens.device)
+    return torch.einsum("ri,bijc,sj->brsc", rows, tokens, cols)
+
+
 def cluster_tokens(tokens: Tensor, grid: tuple[int, int], window_size: int, n_iters: int, tau: float) -> Clustering:
     """Expedit's token clustering of a [B, h0, w0, C] grid into ``grid`` centroids,
     in float32: avg-pool initialisation, then ``n_iters`` rounds of softmax(−τ‖x − s‖²)
@@ -259,7 +279,7 @@ def cluster_tokens(tokens: Tensor, grid: tuple[int, int], window_size: int, n_it
                  for row in axis_tiles(rows, height, window_size, tokens.device)
                  for col in axis_tiles(cols, width, window_size, tokens.device)]
         members = [tokens[:, row.tokens, col.tokens].reshape(batch, -1, channels) for row, col, _ in tiles]
-        centroids = F.adaptive_avg_pool2d(tokens.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)  # [B, h, w, C]
+        centroids = _adaptive_mean(tokens, grid)  # [B, h, w, C]
         for _ in range(n_iters):
             sums = centroids.new_zeros(batch, height, width, channels)
             totals = centroids.new_zeros(batch, height, width)
@@ -308,11 +328,12 @@ def reconstruction_weights(tokens: Tensor, centroids: Tensor, k: int, tau: float
     num_tokens, channels = tokens.shape[1:]
     num_centroids = centroids.shape[1]
     k = min(k, num_centroids)
-    rows = max(1, num_tokens * channels // num_centroids)
+    rows = max(1, int(num_tokens) * int(channels) // int(num_centroids))  # ints: exporters trace shape arithmetic
     with torch.autocast(tokens.device.type, enabled=False):
         centroids = centroids.float()
+        parts = tokens.float().split(rows, dim=1) if rows < num_tokens else [tokens.float()]
         nearest, index = zip(*(squared_distances(part, centroids).clamp_min(0).topk(k, dim=-1, largest=False)
-                               for part in tokens.float().split(rows, dim=1)))  # ascending
+                               for part in parts))  # ascending
         nearest, index = torch.cat(nearest, dim=1), torch.cat(index, dim=1)
         weight = torch.exp(-tau * (nearest - nearest[..., :1]))  # the nearest has weight 1: no underflow to 0
         norm = weight.norm(dim=-1, keepdim=True) if normalise == "l2" else weight.sum(dim=-1, keepdim=True)

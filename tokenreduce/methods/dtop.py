@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..exporting import ExportError
 from ..reduction import Reduction
 from .base import BlockTensors, Method, Need, Options, check_blocks, check_range, register_method
 
@@ -213,6 +214,10 @@ class DToP(Method):
         return Need.TOKENS if block - 1 in self.options.exit_after else Need.NOTHING
 
     def reduce(self, inputs: BlockTensors) -> Optional[Reduction]:
+        if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+            raise ExportError("dtop cannot be exported: how many tokens go on depends on each image's confidence, "
+                              "and a graph holds one token count; export the model without dtop (remove it) and "
+                              "run the early exit eagerly")
         stage = self.options.exit_after.index(inputs.block - 1)
         prefix = self.num_prefix_tokens
         x = inputs.x

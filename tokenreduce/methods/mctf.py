@@ -241,9 +241,11 @@ def bidirectional_matching(
         if set_aside is not None:
             set_aside.scatter_(1, 2 * sources2 + 1, unmatched(best2.gather(1, sources2), groups))
         # Output order: prefix, A by position, B by decreasing second-step score.
-        key = position.repeat(batch, 1)
-        key[:, 1::2].scatter_(1, edges2, 2 * num_tokens + torch.arange(num_b, device=device).expand(batch, -1))
-        key[:, :num_prefix_tokens] = position[:num_prefix_tokens] - num_tokens
+        # (sort keys built without writing into views, which the TorchScript ONNX exporter
+        # traces with the batch size as a constant)
+        second_rank = 2 * num_tokens + torch.arange(num_b, device=device).expand(batch, -1)
+        key = position.expand(batch, -1).scatter(1, 2 * edges2 + 1, second_rank)
+        key = torch.where(position < num_prefix_tokens, position - num_tokens, key)
         order = key.argsort(dim=1)
     else:
         order = alternating_split_order(num_tokens, num_prefix_tokens, device).expand(batch, -1)
