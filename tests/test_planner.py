@@ -52,7 +52,7 @@ def test_bad_budgets_raise(kind, value):
 def test_bad_arguments_raise():
     model, images = tiny_vit(), random_images(4)
     with pytest.raises(ValueError, match="Budget"):
-        planner.plan(model, images, 0.5)
+        planner.plan(model, images, "0.5")
     with pytest.raises(ValueError, match="score"):
         planner.plan(model, images, planner.Budget("flops", 0.5), score="psnr")
     with pytest.raises(ValueError, match="labels"):

