@@ -116,7 +116,7 @@ class Family:
 
 
 def setting_text(method: str, options: dict) -> str:
-    """The ``--setting`` string (``tome:r=6``), without spaces so a shell passes it as one word."""
+    """The ``--setting`` string (``tome:r=6``), without spaces (quote it for a shell when it has brackets)."""
     if not options:
         return method
     return method + ":" + ",".join(f"{k}={v!r}".replace(" ", "") for k, v in options.items())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -183,7 +184,7 @@ def run_plan(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model, "weights": weights, "data": str(Path(data).resolve()), "probe":
         str(probe_path.resolve()) if probe_path else None, "threads": torch.get_num_threads(),
         "command": f"python tools/eval_imagenet.py{model_flag} --img-size {best['img_size']} --setting "
-                   f"{best['setting']}",
+                   f"{shlex.quote(best['setting'])}",
         "time": phases.summary(), "search_seconds": report["seconds"]["total"],
     })
     return report
