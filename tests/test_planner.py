@@ -156,6 +156,33 @@ def test_reported_pareto_is_the_front_of_the_ranked(flops_plan):
     assert {(row["setting"], row["img_size"]) for row in pareto} <= ranked_settings
 
 
+def test_heldout_probes_classify_each_image_with_a_probe_that_did_not_see_it():
+    torch.manual_seed(0)
+    labels = torch.arange(40) % 2
+    features = torch.randn(40, 8) + 4.0 * labels[:, None].float()  # separable
+    probes = planner.HeldOutProbes(features, labels, 2)
+    assert (probes.classes(features) == labels).all()
+    flipped = features.clone()
+    flipped[:10] = features[:10] + 8.0 * (1 - 2 * labels[:10, None].float())  # move 10 across the boundary
+    assert (probes.classes(flipped)[:10] != labels[:10]).all()
+    assert len(probes.probes) == planner.HELDOUT_FOLDS
+
+
+def test_plan_ranks_by_heldout_agreement():
+    model, images = tiny_vit(), random_images(16)
+    labels = [i % 2 for i in range(16)]
+    report = planner.plan(model, images, planner.Budget("flops", 0.6), labels=labels, sizes=[48, 64],
+                          families=["tome"], stages=(8, 16), finalists=1, score="heldout_agreement",
+                          speed_repeats=1, speed_batch_size=2)
+    finalists = [row for row in report["ranked"] if row["images"] == 16]
+    assert all(0 <= row["heldout_agreement"] <= 100 for row in report["ranked"])
+    assert [r["heldout_agreement"] for r in finalists] == sorted((r["heldout_agreement"] for r in finalists),
+                                                                  reverse=True)
+    with pytest.raises(ValueError, match="at least 8 images"):
+        planner.plan(model, images, planner.Budget("flops", 0.6), labels=labels, stages=(4, 16),
+                     score="heldout_agreement")
+
+
 def test_cost_model_predicts_counted_flops():
     model = tiny_vit()
     costs = planner.CostModel(model)

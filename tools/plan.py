@@ -44,6 +44,7 @@ BUDGET_FLAGS = {"flops": "fraction of the unreduced GFLOPs, e.g. 0.5",
 RANKED_COLUMNS = [("setting", "setting", "{}"), ("img_size", "px", "{}"), ("gflops", "GFLOPs", "{:.3f}"),
                   ("flop_ratio", "of unreduced", "{:.3f}"), ("fidelity", "cos mean", "{:.4f}"),
                   ("cos_p5", "cos p5", "{:.4f}"), ("agreement", "agree %", "{:.2f}"), ("top1", "top-1", "{:.2f}"),
+                  ("heldout_agreement", "held-out agree %", "{:.2f}"),
                   ("images", "images", "{}"), ("speedup", "speedup", "{:.2f}x")]
 
 
@@ -76,7 +77,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     search.add_argument("--finalists", type=int, default=3, help="settings confirmed and timed at the end (default 3)")
     search.add_argument("--score", choices=planner.SCORES, default="cos_mean",
                         help="what ranks settings: feature cosine to the unreduced model (default, no labels), "
-                             "agreement with its classes, or top-1 (labels)")
+                             "agreement with its classes, top-1 (labels), or heldout_agreement / heldout_top1: "
+                             "the same with probes cross-fitted on folds of the calibration images (labels)")
     check = parser.add_argument_group("validation (after the search, on images it never saw)")
     check.add_argument("--validate", type=Path, metavar="DIR",
                        help="labelled folder to score the best setting on against the unreduced model, e.g. "
