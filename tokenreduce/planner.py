@@ -317,7 +317,7 @@ def plan(model: nn.Module, images: Sequence[Any], budget: Union[Budget, float], 
          probe: Optional[nn.Module] = None, sizes: Optional[Sequence[int]] = None,
          families: Sequence[str] = DEFAULT_FAMILIES, per_family: int = 1,
          stages: Sequence[int] = DEFAULT_STAGES, keep: float = 1 / 3, finalists: int = 3,
-         score: str = "cos_mean", model_at: Optional[Callable[[int], nn.Module]] = None,
+         score: Optional[str] = None, model_at: Optional[Callable[[int], nn.Module]] = None,
          transform_at: Optional[Callable[[int], Callable]] = None, batch_size: int = 16,
          speed_batch_size: int = 16, speed_repeats: int = 3, seed: int = 0,
          progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
@@ -335,7 +335,8 @@ def plan(model: nn.Module, images: Sequence[Any], budget: Union[Budget, float], 
     (same class as the unreduced model, needs a classifier), ``top1`` (needs labels),
     or ``heldout_agreement`` / ``heldout_top1``: the same with linear probes fitted on
     folds of the calibration features, each image classified by a probe that did not
-    see it (needs labels, no classifier; see :class:`HeldOutProbes`).
+    see it (needs labels, no classifier; see :class:`HeldOutProbes`). Default:
+    ``heldout_agreement`` with labels, else ``cos_mean``.
     """
     started, cpu_started = time.perf_counter(), time.process_time()
     if isinstance(budget, float):
@@ -343,6 +344,8 @@ def plan(model: nn.Module, images: Sequence[Any], budget: Union[Budget, float], 
     if not isinstance(budget, Budget):
         raise ValueError(f"budget must be a Budget (e.g. Budget('gflops', 3.0)) or a float fraction of the "
                          f"unreduced FLOPs, got {budget!r}")
+    if score is None:  # held-out agreement followed val top-1 better on the DINOv2 (README)
+        score = "heldout_agreement" if labels is not None else "cos_mean"
     if score not in SCORES:
         raise ValueError(f"score={score!r} must be one of {SCORES}")
     has_classifier = probe is not None or bool(getattr(model, "num_classes", 0))

@@ -75,8 +75,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="images per successive-halving stage (default %(default)s)")
     search.add_argument("--keep", type=float, default=1 / 3, help="fraction kept after each stage (default 1/3)")
     search.add_argument("--finalists", type=int, default=3, help="settings confirmed and timed at the end (default 3)")
-    search.add_argument("--score", choices=planner.SCORES, default="cos_mean",
-                        help="what ranks settings: feature cosine to the unreduced model (default, no labels), "
+    search.add_argument("--score", choices=planner.SCORES,
+                        help="what ranks settings (default: heldout_agreement with labels, else cos_mean): "
+                             "feature cosine to the unreduced model (no labels), "
                              "agreement with its classes, top-1 (labels), or heldout_agreement / heldout_top1: "
                              "the same with probes cross-fitted on folds of the calibration images (labels)")
     check = parser.add_argument_group("validation (after the search, on images it never saw)")
