@@ -140,7 +140,8 @@ def method_families(num_patches: int, num_blocks: int, names: Sequence[str] = DE
         "tome_rising": Family("tome_rising", "tome", r_values, lambda r: {"r": (r, 0.5)}),
         "tome_falling": Family("tome_falling", "tome", r_values, lambda r: {"r": (r, -0.5)}),
         "evit": Family("evit", "evit", _grid(0.95, 0.2, -0.05), lambda k: {"keep_rate": k, "locations": quarters}),
-        "evit_late": Family("evit_late", "evit", _grid(0.95, 0.2, -0.05), lambda k: {"keep_rate": k, "locations": late}),
+        "evit_late": Family("evit_late", "evit", _grid(0.95, 0.2, -0.05),
+                            lambda k: {"keep_rate": k, "locations": late}),
         "mctf": Family("mctf", "mctf", r_values, lambda r: {"r": r, "locations": every_block}),
         "token_transforming": Family("token_transforming", "token_transforming", _grid(0.02, 0.45, 0.01),
                                      lambda r: {"r": r}),
@@ -308,12 +309,14 @@ def _score(cand_feats: Tensor, ref_feats: Tensor, cand_logits: Optional[Tensor],
     if cand_logits is not None:
         out["agreement"] = 100.0 * (cand_logits.argmax(1) == ref_logits.argmax(1)).double().mean().item()
         if labels is not None:
-            out["top1"] = 100.0 * topk_correct(cand_logits, labels[:len(cand_logits)], (1,))[:, 0].double().mean().item()
+            hits = topk_correct(cand_logits, labels[:len(cand_logits)], (1,))[:, 0]
+            out["top1"] = 100.0 * hits.double().mean().item()
     return out
 
 
 @torch.inference_mode()
-def plan(model: nn.Module, images: Sequence[Any], budget: Union[Budget, float], *, labels: Optional[Sequence[int]] = None,
+def plan(model: nn.Module, images: Sequence[Any], budget: Union[Budget, float], *,
+         labels: Optional[Sequence[int]] = None,
          probe: Optional[nn.Module] = None, sizes: Optional[Sequence[int]] = None,
          families: Sequence[str] = DEFAULT_FAMILIES, per_family: int = 1,
          stages: Sequence[int] = DEFAULT_STAGES, keep: float = 1 / 3, finalists: int = 3,

@@ -29,7 +29,6 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-import tokenreduce  # noqa: E402
 from tokenreduce import evaluation as ev  # noqa: E402
 from tokenreduce import planner  # noqa: E402
 
@@ -136,7 +135,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "validation" in report:
         check = report["validation"]
         print(f"\non {check['rows'][0]['images']} images of {check['data']}: " + "; ".join(
-            f"{row['setting']} at {row['img_size']} px: top-1 {'-' if row['top1'] is None else format(row['top1'], '.2f')}, cos {row['cos_mean']:.4f}"
+            f"{row['setting']} at {row['img_size']} px: top-1 "
+            f"{'-' if row['top1'] is None else format(row['top1'], '.2f')}, cos {row['cos_mean']:.4f}"
             for row in [check["baseline"], *check["rows"]]))
     print(f"evaluate it: {report['command']}")
     print(f"\ntime: {report['time']}")
