@@ -63,8 +63,10 @@ def synthetic_input(input_size: Sequence[int], batch_size: int, device: torch.de
 @torch.inference_mode()
 def measure_throughput(models: Sequence[nn.Module], input_size: Sequence[int], batch_size: int,
                        device: torch.device, amp: str = "none", channels_last: bool = False,
-                       warmup: int = 2, repeats: int = 5, batches: int = 5) -> list[float]:
-    """Median images/s of each model on synthetic input of ``input_size``.
+                       warmup: int = 2, repeats: int = 5, batches: int = 5,
+                       input_sizes: Optional[Sequence[Sequence[int]]] = None) -> list[float]:
+    """Median images/s of each model on synthetic input of ``input_size``
+    (``input_sizes``: one per model instead, e.g. models run at different resolutions).
 
     The models are timed in turn within each repeat (a, b, c, a, b, c, ...), so
     clock boosts, thermal drift and background load hit all of them alike and
@@ -72,14 +74,18 @@ def measure_throughput(models: Sequence[nn.Module], input_size: Sequence[int], b
     """
     if warmup < 0 or min(repeats, batches, batch_size) < 1:
         raise ValueError("throughput needs batch_size, repeats and batches >= 1 and warmup >= 0")
-    x = synthetic_input(input_size, batch_size, device, channels_last)
+    if input_sizes is not None and len(input_sizes) != len(models):
+        raise ValueError(f"input_sizes has {len(input_sizes)} entries for {len(models)} models")
+    sizes = [tuple(s) for s in input_sizes] if input_sizes is not None else [tuple(input_size)] * len(models)
+    inputs = {size: synthetic_input(size, batch_size, device, channels_last) for size in set(sizes)}
     rates: list[list[float]] = [[] for _ in models]
     with autocast(device, amp):
-        for model in models:
+        for model, size in zip(models, sizes):
             for _ in range(warmup):
-                model(x)
+                model(inputs[size])
         for _ in range(repeats):
             for m, model in enumerate(models):
+                x = inputs[sizes[m]]
                 synchronize(device)
                 start = time.perf_counter()
                 for _ in range(batches):
