@@ -173,3 +173,38 @@ def test_reduction_does_not_raise_the_forward_peak_memory(method, img_size):
     baseline = ev.peak_forward_memory(model, input_size, 4, device)
     reduced = ev.peak_forward_memory(tokenreduce.apply(model, method, **ACTIVE[method]), input_size, 4, device)
     assert 0 < reduced <= baseline
+
+
+@pytest.mark.parametrize("model_name", ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
+def test_apply_with_img_size_runs_at_that_size_and_remove_restores_the_original(model_name):
+    """img_size: the resolution lever the planner picks, set by apply and undone by remove."""
+    torch.manual_seed(0)
+    kwargs = dict(depth=2) if model_name.startswith("vit") else dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2))
+    model = timm.create_model(model_name, **kwargs).eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    x224 = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = model(x224)
+    options = dict(r=4) if model_name.startswith("vit") else dict(ratio=0.25)
+    tokenreduce.apply(model, "tome", img_size=160, **options)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 160, 160)).shape == expected.shape
+    if model_name.startswith("vit"):  # (timm's Swin picks other windows when built at 160 than when resized)
+        reference = timm.create_model(model_name, img_size=160, **kwargs).eval()
+        tokenreduce.apply(reference, "tome", **options)
+        assert tokenreduce.count_flops(model, (3, 160, 160)) == pytest.approx(
+            tokenreduce.count_flops(reference, (3, 160, 160)))
+    tokenreduce.remove(model)
+    assert tuple(model.patch_embed.img_size) == (224, 224)
+    assert model.state_dict().keys() == original.keys()
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(x224), expected)
+
+
+@pytest.mark.parametrize("img_size, message", [(0, "positive int"), ((160,), "positive int"), (150, "multiple of the patch size")])
+def test_apply_rejects_bad_img_size(img_size, message):
+    model = timm.create_model("vit_tiny_patch16_224", depth=2).eval()
+    with pytest.raises(ValueError, match=message):
+        tokenreduce.apply(model, "tome", r=4, img_size=img_size)
+    assert tuple(model.patch_embed.img_size) == (224, 224) and tokenreduce.applied_method(model) is None

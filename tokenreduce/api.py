@@ -1,7 +1,7 @@
 """The user-facing calls: apply, remove, token_counts, source_map, source_maps."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from torch import Tensor, nn
 
@@ -41,8 +41,12 @@ def _adapter_holding(model: nn.Module):
     return None
 
 
+_INPUT_SIZE = "_tokenreduce_input_size"  # (image size, parameters and buffers) from before apply(img_size=...)
+
+
 def apply(model: nn.Module, method: str, *, mode: str = "reduce", restore_at: str = "end",
-          restore_form: str = "residual", trace_source: bool = False, **options: Any) -> nn.Module:
+          restore_form: str = "residual", trace_source: bool = False,
+          img_size: Optional[Union[int, tuple[int, int]]] = None, **options: Any) -> nn.Module:
     """Patch ``model`` in place with ``method`` (re-applying replaces it); returns the model.
     A ``DataParallel`` / ``DistributedDataParallel`` wrapper is seen through: the
     module it wraps is patched (the torchrun training path).
@@ -60,9 +64,16 @@ def apply(model: nn.Module, method: str, *, mode: str = "reduce", restore_at: st
     method's own reconstruction (``cluster``: W·y) is used in both forms.
     Residual is the default: on random-weight ViT-S features it keeps 0.99 patch
     cosine to the unreduced model where copy keeps 0.91 (ToMe r=8, 4 blocks: 0.985 vs 0.908).
+
+    ``img_size`` (int or (height, width)) also sets the input resolution, a lever
+    that composes with every method (``tokenreduce.plan`` picks it): timm's
+    ``set_input_size`` resamples the position embeddings (bicubic, as
+    ``dynamic_img_size`` does per forward) and FLOP counts follow; ``remove``
+    puts the original size and position embedding back.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} must be one of {MODES}")
+    size = _checked_img_size(img_size)
     restore = Restore(restore_at, restore_form) if mode == "restore" else None
     wrapper, model = model, _unwrap(model)
     adapter = adapter_for(model)
@@ -73,16 +84,58 @@ def apply(model: nn.Module, method: str, *, mode: str = "reduce", restore_at: st
         num_prefix_tokens=adapter.num_prefix_tokens(model),
     )
     remove(model)
-    adapter.check_model(model, built)
+    if size is not None:
+        _set_input_size(model, size)
+    try:
+        adapter.check_model(model, built)
+    except ValueError:
+        _restore_input_size(model)
+        raise
     adapter.install(model, built, trace_source=trace_source, restore=restore)
     return wrapper
 
 
+def _checked_img_size(img_size: Any) -> Optional[tuple[int, int]]:
+    if img_size is None:
+        return None
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+        raise ValueError(f"img_size={img_size!r} must be a positive int or (height, width)")
+    return size
+
+
+def _set_input_size(model: nn.Module, size: tuple[int, int]) -> None:
+    if not hasattr(model, "set_input_size") or not hasattr(model, "patch_embed"):
+        raise ValueError(f"img_size: {type(model).__name__} cannot change its input size (timm's set_input_size)")
+    patch = tuple(model.patch_embed.patch_size)
+    if size[0] % patch[0] or size[1] % patch[1]:
+        raise ValueError(f"img_size={size} must be a multiple of the patch size {patch}")
+    tensors = {(module, name): tensor for module in model.modules()
+               for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]}
+    setattr(model, _INPUT_SIZE, (tuple(model.patch_embed.img_size), tensors))
+    model.set_input_size(img_size=size)
+
+
+def _restore_input_size(model: nn.Module) -> None:
+    saved = getattr(model, _INPUT_SIZE, None)
+    if saved is None:
+        return
+    size, tensors = saved
+    model.set_input_size(img_size=size)
+    for (module, name), tensor in tensors.items():  # the originals, not resamplings of the resampled ones
+        if isinstance(tensor, nn.Parameter):
+            setattr(module, name, tensor)
+        else:
+            module.register_buffer(name, tensor, persistent=name not in module._non_persistent_buffers_set)
+    delattr(model, _INPUT_SIZE)
+
+
 def remove(model: nn.Module) -> nn.Module:
-    """Undo ``apply``: the original classes and attributes, outputs bit-identical."""
+    """Undo ``apply``: the original classes and attributes (and input size), outputs bit-identical."""
     adapter = _adapter_holding(model)
     if adapter is not None:
         adapter.uninstall(_unwrap(model))
+    _restore_input_size(_unwrap(model))
     return model
 
 

@@ -572,6 +572,8 @@ def build(model: nn.Module, setting: str, img_size: int,
     """The model a plan's ``setting`` and ``img_size`` describe: ``model`` at that input
     size (``model_at``, default timm's pos-embed resampling of a copy) with the setting applied."""
     parsed = parse_setting(setting)
+    if model_at is None and parsed.reduces:  # apply sets the size (remove() undoes it)
+        return apply(copy.deepcopy(model), parsed.method, img_size=img_size, **parsed.options).eval()
     sized = model_at(img_size) if model_at else (model if img_size == native_size(model)
                                                  else resized_model(model, img_size))
     return apply(sized, parsed.method, **parsed.options) if parsed.reduces else sized
