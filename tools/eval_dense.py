@@ -241,7 +241,7 @@ def evaluate(args: argparse.Namespace, settings: list[ev.Setting], device: torch
     }
     print("\n" + ev.format_table(rows, TABLE_COLUMNS))
     for path in args.out:
-        ev.write_results(path, report, format_markdown)
+        ev.write_results(path, report, format_markdown, ev.section_markers("dense"))
         print(f"wrote {path}")
 
 
