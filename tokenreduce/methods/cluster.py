@@ -327,7 +327,8 @@ def reconstruction_weights(tokens: Tensor, centroids: Tensor, k: int, tau: float
     num_tokens, channels = tokens.shape[1:]
     num_centroids = centroids.shape[1]
     k = min(k, num_centroids)
-    rows = max(1, num_tokens * channels // num_centroids)
+    rows = min(num_tokens, max(1, num_tokens * channels // num_centroids))  # no larger than the tokens: the
+    # TorchScript ONNX exporter writes a split size beyond the dimension as is, which ONNX Runtime refuses
     with torch.autocast(tokens.device.type, enabled=False):
         centroids = centroids.float()
         nearest, index = zip(*(squared_distances(part, centroids).clamp_min(0).topk(k, dim=-1, largest=False)
