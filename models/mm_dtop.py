@@ -146,6 +146,15 @@ class DToPEncoderDecoder(EncoderDecoder):
             return None
         return tokenreduce.applied_method(self.backbone.model).record
 
+    def _forward(self, inputs: Tensor, data_samples: Optional[list] = None) -> Tensor:
+        """Tensor mode (what FLOP counts trace): the decode head's logits, at its resolution, with
+        the exit heads' frozen ones at exited patches."""
+        seg_logits = super()._forward(inputs, data_samples)
+        record = self.exit_record()
+        if record is None:
+            return seg_logits
+        return combine_exits(record, seg_logits, self.patch_grid(inputs))
+
     def encode_decode(self, inputs: Tensor, batch_img_metas: list[dict]) -> Tensor:
         """The decode head's logits, with the exit heads' frozen ones at exited patches."""
         seg_logits = super().encode_decode(inputs, batch_img_metas)
