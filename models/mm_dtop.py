@@ -59,6 +59,22 @@ def combine_exits(record: ExitRecord, seg_logits: Tensor, grid: tuple[int, int])
     return seg_logits.where(~exited, frozen)
 
 
+class BackboneWithExits(nn.Module):
+    """A DToP segmentor's backbone and exit heads as one module, for FLOP counts of the backbone
+    (``tokenreduce.count_flops``): returns the backbone's maps and the exit record's logits, so a
+    traced count keeps the exit heads, which the reduction calls but the maps do not read."""
+
+    def __init__(self, segmentor: "DToPEncoderDecoder") -> None:
+        super().__init__()
+        self.backbone, self.exit_heads = segmentor.backbone, segmentor.exit_heads
+        self.exit_record = segmentor.exit_record
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        maps = self.backbone(x)
+        record = self.exit_record()
+        return maps if record is None else (*maps, record.logits)
+
+
 @MODELS.register_module()
 class DToPEncoderDecoder(EncoderDecoder):
     """``EncoderDecoder`` with DToP exit heads (see the module docstring).
@@ -105,6 +121,10 @@ class DToPEncoderDecoder(EncoderDecoder):
             self.reduction = dict(reduction, heads=[GridHead(h) for h in self.exit_heads],
                                   exit_after=self.exit_after)
             self.backbone.apply_reduction(self.reduction)
+
+    def backbone_for_flops(self) -> nn.Module:
+        """The backbone with the exit heads it runs (see :class:`BackboneWithExits`)."""
+        return BackboneWithExits(self)
 
     def patch_grid(self, inputs: Tensor) -> tuple[int, int]:
         """(h, w) of the ViT's patch tokens for ``inputs`` [B, C, H, W]."""

@@ -72,6 +72,13 @@ def build_model(cfg: Config, seed: int = 0) -> nn.Module:
     return revert_sync_batchnorm(MODELS.build(cfg.model)).eval()
 
 
+def backbone_for_flops(model: nn.Module) -> nn.Module:
+    """What a backbone FLOP count traces: the backbone, or with the modules its reduction calls
+    (a DToP segmentor's exit heads, ``models/mm_dtop.py``) where the model provides that."""
+    provider = getattr(model, "backbone_for_flops", None)
+    return model.backbone if provider is None else provider()
+
+
 def synthetic_batch(task: str, height: int, width: int, batch_size: int = 1, num_classes: int = 2,
                     seed: int = 0) -> dict[str, Any]:
     """A data batch as the configs' pipelines produce it (uint8 images, data samples with

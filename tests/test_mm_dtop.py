@@ -160,6 +160,13 @@ def test_gflops_per_image_fall_below_the_baseline_as_p0_falls():
     # p0=1: the baseline plus the exit heads; p0=0: at most one token per class runs after block 5
     for never, always, base in zip(gflops[1.0], gflops[0.0], baseline, strict=True):
         assert always < base < never < 1.1 * base
+    # the backbone's count (tools/mm_benchmark.py) includes the exit heads the reduction runs
+    backbone = tokenreduce.count_flops(plain.backbone, (3, side, side))
+    assert tokenreduce.count_flops(mm_utils.backbone_for_flops(plain), (3, side, side)) == backbone  # no exits
+    reduced = mm_utils.build_model(tiny(SYN_DTOP, side, p0=1.0))
+    with_heads = tokenreduce.count_flops(mm_utils.backbone_for_flops(reduced), (3, side, side))
+    exit_head_gflops = 2 * 384 * 32 * 9 * (side // 16) ** 2 / 1e9  # FCN 3x3 conv, the rest is < 1 %
+    assert with_heads - backbone == pytest.approx(exit_head_gflops, rel=0.02)
 
 
 @pytest.mark.parametrize("change, message", [
