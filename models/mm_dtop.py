@@ -91,10 +91,11 @@ class DToPEncoderDecoder(EncoderDecoder):
     def __init__(self, backbone: dict, exit_heads: Sequence[dict], exit_after: Sequence[int] = (5, 7),
                  **kwargs) -> None:
         backbone = dict(backbone)
-        reduction = backbone.get("reduction")
-        dtop = reduction is not None and reduction.get("type") == "dtop"
-        if dtop:
-            backbone.pop("reduction")
+        reduction = backbone.pop("reduction", None)
+        if reduction is not None and reduction.get("type") != "dtop":
+            raise ValueError(f"reduction={reduction!r}: {type(self).__name__} runs type='dtop' (its exit heads "
+                             "read every token of their blocks) or no reduction")
+        if reduction is not None:
             set_here = sorted(set(EXIT_OPTIONS_SET_HERE) & set(reduction))
             if set_here:
                 raise ValueError(f"reduction={reduction!r}: {set_here} come from the segmentor's exit_heads and "
@@ -117,7 +118,7 @@ class DToPEncoderDecoder(EncoderDecoder):
             raise ValueError(f"exit heads predict {mismatched} classes, the decode head {self.num_classes}: "
                              "the final map combines them, so they must agree")
         self.reduction = None
-        if dtop:
+        if reduction is not None:
             self.reduction = dict(reduction, heads=[GridHead(h) for h in self.exit_heads],
                                   exit_after=self.exit_after)
             self.backbone.apply_reduction(self.reduction)

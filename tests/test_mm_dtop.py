@@ -172,6 +172,7 @@ def test_gflops_per_image_fall_below_the_baseline_as_p0_falls():
 @pytest.mark.parametrize("change, message", [
     (lambda m: m.backbone.reduction.update(heads=[]), r"\['heads'\] come from the segmentor"),
     (lambda m: m.backbone.reduction.update(exit_after=(5, 7)), r"\['exit_after'\] come from the segmentor"),
+    (lambda m: m.backbone.update(reduction=dict(type="tome", r=2, mode="restore")), "type='dtop' .* or no reduction"),
     (lambda m: m.update(exit_after=(5,)), "2 exit_heads for exit_after=\\(5,\\)"),
     (lambda m: m.update(exit_after=(7, 5)), "must be increasing blocks in \\[0, 10\\]"),
     (lambda m: m.update(exit_after=(5, 11)), "must be increasing blocks in \\[0, 10\\]"),
