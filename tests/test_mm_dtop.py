@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -205,9 +206,17 @@ def test_tools_train_heads_then_test_with_early_exit(tmp_path):
     options = [f"train_cfg.max_iters={iters}", f"train_cfg.val_interval={iters}",
                f"default_hooks.checkpoint.interval={iters}", "train_dataloader.batch_size=2",
                "model.backbone.drop_path_rate=0.0"]
+    # step 1's weights (an mmengine-style checkpoint: weights plus pickled training state), without exit heads
+    step1 = mm_utils.build_model(tiny(SEGMENTATION / "upernet_vit-s16-sfp_synthetic.py"), seed=1).state_dict()
+    torch.save({"state_dict": step1, "message_hub": {"loss": np.zeros(2)}}, tmp_path / "step1.pth")
     runner = load_tool("train").main([str(SYN_HEADS), "--data-root", str(data / "ade20k"), "--work-dir",
-                                      str(tmp_path / "train"), "--cfg-options", *options])
+                                      str(tmp_path / "train"), "--load-from", str(tmp_path / "step1.pth"),
+                                      "--cfg-options", *options])
     assert {"train/exit_0.loss_ce", "train/exit_1.loss_ce"} <= set(runner.message_hub.log_scalars)
+    trained = runner.model.state_dict()
+    assert set(trained) - set(step1) == {k for k in trained if k.startswith("exit_heads.")}
+    key = "backbone.model.patch_embed.proj.weight"  # started from step 1: moved by 2 small AdamW steps only
+    assert 0 < (trained[key] - step1[key]).abs().max() < 0.01
     out = tmp_path / "dtop.json"
     metrics = load_tool("test").main([str(SYN_DTOP), str(tmp_path / "train" / f"iter_{iters}.pth"), "--data-root",
                                       str(data / "ade20k"), "--work-dir", str(tmp_path / "test"), "--out", str(out)])

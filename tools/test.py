@@ -22,12 +22,11 @@ from typing import Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 from torch import nn  # noqa: E402
 
-from models.mm_utils import load_config  # noqa: E402
+from models.mm_utils import checkpoint_state_dict, load_config  # noqa: E402
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -46,11 +45,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def load_weights(model: nn.Module, checkpoint: Path) -> None:
-    """The checkpoint's ``state_dict`` into ``model``, strictly. mmengine checkpoints also pickle
-    their training state (numpy arrays, history buffers), which torch >= 2.6 refuses to load by
-    default (``weights_only``), and mmengine 0.10.7 passes no flag: hence the explicit load."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    model.load_state_dict(state.get("state_dict", state))
+    """The checkpoint's ``state_dict`` into ``model``, strictly (``mm_utils.checkpoint_state_dict``)."""
+    model.load_state_dict(checkpoint_state_dict(checkpoint))
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
