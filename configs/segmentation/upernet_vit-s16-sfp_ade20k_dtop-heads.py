@@ -1,5 +1,5 @@
 # DToP step 2 (Tang et al., ICCV 2023): fine-tune a trained ViT-S UperNet (the baseline's
-# checkpoint: --cfg-options load_from=work_dirs/upernet_vit-s16-sfp_ade20k/iter_160000.pth) with
+# checkpoint: tools/train.py --load-from work_dirs/upernet_vit-s16-sfp_ade20k/iter_160000.pth) with
 # two FCN exit heads on the patch grid after blocks 5 and 7 (official ViT-B/12), each trained by
 # its own loss, the backbone unreduced. The official schedule: 40k iterations, AdamW lr 2e-5,
 # heads (decode, auxiliary, exit) at 10x lr. Inference with early exit: the _dtop config.
