@@ -219,5 +219,9 @@ def test_tools_train_heads_then_test_with_early_exit(tmp_path):
     assert 0 < (trained[key] - step1[key]).abs().max() < 0.01
     out = tmp_path / "dtop.json"
     metrics = load_tool("test").main([str(SYN_DTOP), str(tmp_path / "train" / f"iter_{iters}.pth"), "--data-root",
-                                      str(data / "ade20k"), "--work-dir", str(tmp_path / "test"), "--out", str(out)])
+                                      str(data / "ade20k"), "--work-dir", str(tmp_path / "test"), "--out", str(out),
+                                      "--flops", "--cfg-options", "model.backbone.reduction.p0=1.0"])
     assert 0 <= metrics["mIoU"] <= 100 and json.loads(out.read_text()) == metrics
+    # p0=1: nothing exits, every image costs the whole model's forward at 64x64 with the exit heads
+    model = mm_utils.build_model(tiny(SYN_DTOP, p0=1.0))
+    assert metrics["gflops"] == pytest.approx(tokenreduce.count_flops(mm_utils.TensorForward(model, None), (3, 64, 64)))
