@@ -106,13 +106,16 @@ class TokenReduceBackbone(nn.Module):
             channels = self.pyramid.out_channels
         self.out_channels = channels
         if reduction is not None:
-            self._apply_reduction(dict(reduction))
+            self.apply_reduction(dict(reduction))
 
     def create_model(self, model_name: str, **kwargs: Any) -> nn.Module:
         """The timm model to wrap; subclasses that load weights their own way override it."""
         return timm.create_model(model_name, **kwargs)
 
-    def _apply_reduction(self, reduction: dict) -> None:
+    def apply_reduction(self, reduction: dict) -> None:
+        """Patch the model with ``reduction`` (``dict(type=method, **tokenreduce.apply options)``),
+        replacing any earlier one; a segmentor that owns a method's modules (DToP's exit heads,
+        ``models/mm_dtop.py``) calls it after building them."""
         options = dict(reduction)
         method = options.pop("type", None)
         if method is None:

@@ -61,6 +61,14 @@ def baseline_of(cfg: Config) -> Config:
     return baseline
 
 
+def checkpoint_state_dict(checkpoint: Path) -> dict[str, Tensor]:
+    """The model weights of a (trusted, local) mmengine checkpoint. Its training state is pickled
+    too (numpy arrays, history buffers), which torch >= 2.6 refuses to load by default
+    (``weights_only``), and mmengine 0.10.7 passes no flag: hence the explicit load."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    return state.get("state_dict", state)
+
+
 def build_model(cfg: Config, seed: int = 0) -> nn.Module:
     """The config's model in eval mode on CPU, seeded; SyncBN (multi-GPU recipes) becomes BN."""
     init_default_scope(cfg.default_scope)
@@ -70,6 +78,13 @@ def build_model(cfg: Config, seed: int = 0) -> nn.Module:
         from mmdet.registry import MODELS
     torch.manual_seed(seed)
     return revert_sync_batchnorm(MODELS.build(cfg.model)).eval()
+
+
+def backbone_for_flops(model: nn.Module) -> nn.Module:
+    """What a backbone FLOP count traces: the backbone, or with the modules its reduction calls
+    (a DToP segmentor's exit heads, ``models/mm_dtop.py``) where the model provides that."""
+    provider = getattr(model, "backbone_for_flops", None)
+    return model.backbone if provider is None else provider()
 
 
 def synthetic_batch(task: str, height: int, width: int, batch_size: int = 1, num_classes: int = 2,

@@ -2,12 +2,13 @@
 """GFLOPs and speed of mmsegmentation / mmdetection configs: each config's baseline (the same
 config without ``backbone.reduction``) and the reduced model side by side, on the same weights.
 
-Per config: backbone GFLOPs (``tokenreduce.count_flops`` on the backbone, one image), GFLOPs of
-the whole model's tensor-mode forward (fvcore with the library's handles; '-' where fvcore cannot
-trace it; a two-stage detector's tensor mode runs every proposal through the box and mask heads),
-and images/s of a whole ``test_step`` (preprocessing, inference, post-processing) on a fixed
-synthetic batch, baseline and reduced timed interleaved (median of the repeats), so machine load
-hits both alike. Weights are random: speed and FLOPs do not depend on them.
+Per config: backbone GFLOPs (``tokenreduce.count_flops`` on the backbone, one image; with DToP's
+exit heads, which its early exit runs), GFLOPs of the whole model's tensor-mode forward (fvcore
+with the library's handles; '-' where fvcore cannot trace it; a two-stage detector's tensor mode
+runs every proposal through the box and mask heads), and images/s of a whole ``test_step``
+(preprocessing, inference, post-processing) on a fixed synthetic batch, baseline and reduced
+timed interleaved (median of the repeats), so machine load hits both alike. Weights are random:
+speed and FLOPs do not depend on them, except for input-dependent reductions (DToP's exits).
 
   python tools/mm_benchmark.py configs/segmentation/upernet_vit-s16-sfp_ade20k_tome.py
   python tools/mm_benchmark.py configs/detection/*_tome.py --shape 800 1344 --out mm.json --out mm.csv
@@ -109,7 +110,8 @@ def measure_config(path: Path, args: argparse.Namespace) -> dict[str, Any]:
                            "task": task}
     one = mm_utils.synthetic_batch(task, height, width, batch_size=1)
     for suffix, model in zip(("_baseline", ""), models):
-        row["backbone_gflops" + suffix] = tokenreduce.count_flops(model.backbone, (3, height, width))
+        row["backbone_gflops" + suffix] = tokenreduce.count_flops(mm_utils.backbone_for_flops(model),
+                                                                   (3, height, width))
         row["model_gflops" + suffix] = None if args.no_model_flops else model_gflops(model, one)
     if reduction is not None:
         row["backbone_flop_ratio"] = row["backbone_gflops_baseline"] / row["backbone_gflops"]

@@ -247,12 +247,14 @@ class DToP(Method):
             self.record = ExitRecord(logits=logits.new_zeros(logits.shape),
                                      stage=torch.full((batch, num_tokens), -1, device=x.device))
         record = self.record
-        if not exits.any():
-            return None
+        # written even when no token exits: a traced FLOP count then keeps every head (its
+        # output reaches the record, which a dense model's final map reads)
         exit_positions = torch.where(exits, positions, -1)
         record.logits = scatter_positions(record.logits, exit_positions, token_logits)
         record.stage = scatter_positions(record.stage[..., None], exit_positions,
                                          torch.full_like(exit_positions, stage)[..., None])[..., 0]
+        if not exits.any():
+            return None
         sizes = x.new_ones(batch, num_tokens) if inputs.sizes is None else inputs.sizes[:, prefix:, 0]
         labels = token_logits.argmax(dim=-1)
         reduction, self._positions = exit_reduction(positions, sizes, exits, labels, logits.shape[-1], prefix,
