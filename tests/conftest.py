@@ -1,6 +1,13 @@
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import timm
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Small members of each timm ViT variant the adapter must cover (depth cut for speed).
 VIT_VARIANTS = {
@@ -10,6 +17,16 @@ VIT_VARIANTS = {
     "avg_pool": dict(name="vit_tiny_patch16_224", global_pool="avg", depth=4),
     "qk_norm": dict(name="vit_tiny_patch16_224", qk_norm=True, depth=4),
 }
+
+
+def load_tool(name: str) -> ModuleType:
+    """tools/<name>.py as a fresh module (tools/ is no package), registered as ``tools_<name>``
+    because dataclasses look their module up."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_vit(variant: str, seed: int = 0) -> torch.nn.Module:
