@@ -70,6 +70,23 @@ def assert_remove_restores_exactly(model: torch.nn.Module, x: torch.Tensor, appl
     assert torch.equal(model(x), expected)
 
 
+def assert_compiles_to_one_graph(model: torch.nn.Module, x: torch.Tensor) -> list[int]:
+    """torch.compile(fullgraph=True) traces the patched ``model`` as one graph, without breaks, and
+    gives its eager outputs and token counts; returns those counts for the caller's checks."""
+    import tokenreduce
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(x)
+        counts = tokenreduce.token_counts(model)
+        explanation = torch._dynamo.explain(model)(x)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)(x)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+    assert torch.allclose(compiled, expected, atol=1e-5)
+    assert tokenreduce.token_counts(model) == counts
+    return counts
+
+
 @pytest.fixture(params=sorted(VIT_VARIANTS))
 def variant(request) -> str:
     return request.param
