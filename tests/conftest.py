@@ -1,6 +1,13 @@
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import timm
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Small members of each timm ViT variant the adapter must cover (depth cut for speed).
 VIT_VARIANTS = {
@@ -10,6 +17,16 @@ VIT_VARIANTS = {
     "avg_pool": dict(name="vit_tiny_patch16_224", global_pool="avg", depth=4),
     "qk_norm": dict(name="vit_tiny_patch16_224", qk_norm=True, depth=4),
 }
+
+
+def load_tool(name: str) -> ModuleType:
+    """tools/<name>.py as a fresh module (tools/ is no package), registered as ``tools_<name>``
+    because dataclasses look their module up."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_vit(variant: str, seed: int = 0) -> torch.nn.Module:
@@ -51,6 +68,23 @@ def assert_remove_restores_exactly(model: torch.nn.Module, x: torch.Tensor, appl
     assert [type(m) for m in model.modules()] == classes
     assert [sorted(vars(m)) for m in model.modules()] == attributes
     assert torch.equal(model(x), expected)
+
+
+def assert_compiles_to_one_graph(model: torch.nn.Module, x: torch.Tensor) -> list[int]:
+    """torch.compile(fullgraph=True) traces the patched ``model`` as one graph, without breaks, and
+    gives its eager outputs and token counts; returns those counts for the caller's checks."""
+    import tokenreduce
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(x)
+        counts = tokenreduce.token_counts(model)
+        explanation = torch._dynamo.explain(model)(x)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)(x)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+    assert torch.allclose(compiled, expected, atol=1e-5)
+    assert tokenreduce.token_counts(model) == counts
+    return counts
 
 
 @pytest.fixture(params=sorted(VIT_VARIANTS))

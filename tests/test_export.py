@@ -14,6 +14,8 @@ import tokenreduce
 from tokenreduce.adapters import vit as vit_adapter
 from tokenreduce.exporting import ExportError, export_model, load_exported
 
+from conftest import load_tool
+
 # settings that reduce a 4-block ViT at 112 px (49 patch tokens)
 SETTINGS = {
     "cluster": dict(location=0, grid=0.5),
@@ -242,21 +244,9 @@ def test_apply_sees_through_distributed_data_parallel(tmp_path):
         dist.destroy_process_group()
 
 
-def load_export_tool():
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "tools" / "export.py"
-    spec = importlib.util.spec_from_file_location("tools_export", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_export_tool_checks_the_files_against_eager(tmp_path):
-    tool = load_export_tool()
+    tool = load_tool("export")
     if not tool.DEFAULT_DATA.is_dir():
         pytest.skip(f"needs the shared images at {tool.DEFAULT_DATA}")
     report = tool.main(["--model-arg", "depth=2", "--setting", "tome:r=8", "--limit", "3", "--batch-size", "3",
@@ -271,10 +261,10 @@ def test_export_tool_checks_the_files_against_eager(tmp_path):
 
 def test_export_tool_refuses_a_setting_the_model_cannot_take_before_exporting(tmp_path):
     with pytest.raises(ValueError, match="out of range"):  # top_vim's default blocks 4, 9, 14 on a 2-block ViT
-        load_export_tool().main(["--model-arg", "depth=2", "--setting", "top_vim", "--output-dir", str(tmp_path)])
+        load_tool("export").main(["--model-arg", "depth=2", "--setting", "top_vim", "--output-dir", str(tmp_path)])
     assert not list(tmp_path.iterdir())
 
 
 def test_export_tool_refuses_checking_at_the_traced_batch_size():
     with pytest.raises(SystemExit):
-        load_export_tool().parse_args(["--batch-size", "2", "--trace-batch-size", "2"])
+        load_tool("export").parse_args(["--batch-size", "2", "--trace-batch-size", "2"])

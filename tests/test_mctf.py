@@ -22,7 +22,7 @@ from tokenreduce.methods.mctf import (
 from tokenreduce.merging import merge_by_destination
 from tokenreduce.reduction import Reduction, merge_attention
 
-from conftest import input_for, make_vit
+from conftest import input_for, load_tool, make_vit
 
 INF = math.inf
 OFF = dict(tau_sim=0.0, tau_info=0.0, tau_size=0.0)
@@ -416,24 +416,13 @@ def test_the_consistency_term_alone_pulls_the_student_to_the_teacher():
     assert 0 < losses[-1] < 0.2 * losses[0]
 
 
-def load_finetune_tool():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "tools" / "finetune_mctf.py"
-    spec = importlib.util.spec_from_file_location("finetune_mctf", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_finetune_tool_trains_and_reports_three_rows(tmp_path):
     from pathlib import Path
 
     val = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette" / "val"
     if not val.is_dir():
         pytest.skip(f"{val} absent")
-    tool = load_finetune_tool()
+    tool = load_tool("finetune_mctf")
     out, save = tmp_path / "ft.json", tmp_path / "ft.safetensors"
     code = tool.main(["--model", "vit_tiny_patch16_224", "--model-arg", "depth=2", "--setting",
                       "mctf:r=8,locations=[0,1]", "--train", str(val), "--val", str(val), "--train-limit", "8",
@@ -453,7 +442,7 @@ def test_finetune_tool_trains_and_reports_three_rows(tmp_path):
 
 
 def test_finetune_tool_rejects_other_methods(capsys):
-    assert load_finetune_tool().main(["--setting", "tome:r=8"]) == 2
+    assert load_tool("finetune_mctf").main(["--setting", "tome:r=8"]) == 2
     assert "the consistency loss trains MCTF" in capsys.readouterr().err
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,8 @@ from mmengine.optim import build_optim_wrapper
 import tokenreduce
 from models import mm_utils
 from models.mm_dtop import DToPEncoderDecoder
+
+from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 SEGMENTATION = REPO / "configs/segmentation"
@@ -189,14 +189,6 @@ def test_bad_arguments_are_refused(change, message):
 def test_registered():
     from mmseg.registry import MODELS
     assert MODELS.get("DToPEncoderDecoder") is DToPEncoderDecoder
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow

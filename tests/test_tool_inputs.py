@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,20 +16,14 @@ from torch import nn
 
 from tokenreduce import evaluation as ev
 
+from conftest import load_tool
+
 REPO = Path(__file__).resolve().parents[1]
 IMAGENETTE = REPO.parent / "shared" / "data" / "imagenette"
 needs_imagenette = pytest.mark.skipif(not (IMAGENETTE / "val").is_dir(), reason=f"{IMAGENETTE} absent")
 TOOLS = ("eval_imagenet", "fit_probe", "benchmark", "finetune_mctf", "visualize", "plot_pareto")
 UNREADABLE = ("empty.jpg", "text.jpg", "truncated.jpg")
 TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--workers", "0", "--batch-size", "4"]
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_inputs_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_transform(size: int = 16):

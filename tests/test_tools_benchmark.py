@@ -4,10 +4,8 @@ No timing assertions: speed is measured, never tested."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,19 +15,13 @@ from torch import nn
 import tokenreduce
 from tokenreduce import evaluation as ev
 
+from conftest import load_tool
+
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SETTINGS = ["tome:r=8", "evit:keep_rate=0.7,locations=[1]"]
 BASE_ARGS = ["--model", "vit_tiny_patch16_224", "--model-arg", "depth=2", "--device", "cpu",
              "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--batches", "1"]
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 benchmark = load_tool("benchmark")

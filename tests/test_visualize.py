@@ -1,7 +1,6 @@
 """Per-stage source maps (tokenreduce.source_maps) and the tools/visualize.py picture."""
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
@@ -13,18 +12,13 @@ from PIL import Image
 
 import tokenreduce
 
+from conftest import load_tool
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample" / "n01440764_tench.JPEG"
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("visualize", REPO / "tools" / "visualize.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-vis = _load_tool()
+vis = load_tool("visualize")
 
 # (method, options, blocks where it reduces on a 4-block model, merges: every patch stays covered)
 SETTINGS = {

@@ -118,10 +118,7 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.ArgumentParser, argp
         parser.error(f"--section: {error}")
     args.model = args.model or [DEFAULT_MODEL]
     args.batch_size = args.batch_size or [32]
-    for name in ("repeats", "batches", "profile_forwards", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    ev.check_positive(parser, args, ("repeats", "batches", "profile_forwards", "threads"))
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     for name in ("batch_size", "img_size"):

@@ -84,9 +84,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                      help="write results: .json (everything), .csv (the table) or .md (a Markdown table, put between "
                           "the <!-- export:start/end --> markers when the file has them); repeatable")
     args = parser.parse_args(argv)
-    for name in ("trace_batch_size", "batch_size", "repeats", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    ev.check_positive(parser, args, ("trace_batch_size", "batch_size", "repeats", "threads"))
     if args.limit < 0:
         parser.error(f"--limit must be >= 0 (0: every image), got {args.limit}")
     if args.batch_size == args.trace_batch_size:

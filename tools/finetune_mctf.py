@@ -66,10 +66,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="write the report (.json)")
     parser.add_argument("--save", type=Path, help="write the fine-tuned state dict (.safetensors)")
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "train_limit", "val_limit"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    ev.check_positive(parser, args, ("epochs", "batch_size", "train_limit", "val_limit"))
     if args.lr <= 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
     if args.r_teacher_max >= 1:

@@ -58,10 +58,7 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.ArgumentParser, argp
     args = parser.parse_args(argv)
     if args.C <= 0:
         parser.error(f"--C must be > 0, got {args.C}")
-    for name in ("batch_size", "max_iter", "limit"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    ev.check_positive(parser, args, ("batch_size", "max_iter", "limit"))
     return parser, args
 
 

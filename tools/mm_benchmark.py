@@ -57,10 +57,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                                                                       "detector is slow)")
     parser.add_argument("--out", action="append", default=[], type=Path, help=".json or .csv; repeatable")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "repeats", "batches", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    ev.check_positive(parser, args, ("batch_size", "repeats", "batches", "threads"))
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.shape and min(args.shape) < 32:

@@ -57,10 +57,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_HEADS, help=f"heads file (default {DEFAULT_HEADS})")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for name in ("limit", "hidden", "epochs", "batch_images", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    ev.check_positive(parser, args, ("limit", "hidden", "epochs", "batch_images", "batch_size"))
     if not 0 <= args.holdout < 1:
         parser.error(f"--holdout must be in [0, 1), got {args.holdout}")
     if not args.data.is_dir():

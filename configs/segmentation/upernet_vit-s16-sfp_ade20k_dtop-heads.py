@@ -3,21 +3,9 @@
 # two FCN exit heads on the patch grid after blocks 5 and 7 (official ViT-B/12), each trained by
 # its own loss, the backbone unreduced. The official schedule: 40k iterations, AdamW lr 2e-5,
 # heads (decode, auxiliary, exit) at 10x lr. Inference with early exit: the _dtop config.
-_base_ = './upernet_vit-s16-sfp_ade20k.py'
+_base_ = ['./upernet_vit-s16-sfp_ade20k.py', '../_base_/models/dtop_exit-heads.py']
 custom_imports = dict(imports=['models.mm_backbones', 'models.mm_dtop'], allow_failed_imports=False)
-exit_head = dict(
-    type='FCNHead',
-    in_channels=384,
-    in_index=0,
-    channels=256,
-    num_convs=1,
-    concat_input=False,
-    dropout_ratio=0.1,
-    num_classes=150,
-    norm_cfg=dict(type='SyncBN', requires_grad=True),
-    align_corners=False,
-    loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=0.4))
-model = dict(type='DToPEncoderDecoder', exit_after=(5, 7), exit_heads=[exit_head, exit_head])
+model = dict(type='DToPEncoderDecoder', exit_after=(5, 7), exit_heads=[_base_.exit_head, _base_.exit_head])
 optim_wrapper = dict(optimizer=dict(lr=2e-5), paramwise_cfg=dict(custom_keys=dict(head=dict(lr_mult=10.))))
 max_iters = 40000
 param_scheduler = [

