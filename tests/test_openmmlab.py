@@ -7,7 +7,6 @@ from __future__ import annotations
 import ast
 import copy
 import functools
-import inspect
 import json
 import math
 from pathlib import Path
@@ -366,9 +365,11 @@ def test_synthetic_segmentation_learns(synthetic, tmp_path):
 
 @pytest.mark.slow
 def test_synthetic_detection_learns(synthetic, tmp_path):
-    results = train_then_test(DET_SYNTHETIC, synthetic / "coco", tmp_path, iters=20,
+    # Mask R-CNN's loss jumps between iterations and its path depends on the thread count: over 20
+    # iterations it fell to 0.63 with two threads and not at all with one, over 40 to 0.41-0.48
+    results = train_then_test(DET_SYNTHETIC, synthetic / "coco", tmp_path, iters=40,
                               reduced=DET_SYNTHETIC.with_name(DET_SYNTHETIC.stem + "_tome.py"))
-    assert dropped(results["losses"], 5) < 0.9
+    assert dropped(results["losses"], 10) < 0.7
     for name in ("untrained", "trained", "reduced"):
         if name in results:
             assert 0 <= results[name]["coco/bbox_mAP"] <= 1 and 0 <= results[name]["coco/segm_mAP"] <= 1
