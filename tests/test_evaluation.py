@@ -24,6 +24,29 @@ IMAGENETTE_VAL = REPO.parent / "shared" / "data" / "imagenette" / "val"
 needs_imagenette = pytest.mark.skipif(not IMAGENETTE_VAL.is_dir(), reason=f"{IMAGENETTE_VAL} absent")
 
 
+# --------------------------------------------------------------------------- speed
+
+
+def test_interleaved_seconds_warms_up_then_times_the_runs_in_turn():
+    calls = []
+    runs = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    seconds = ev.interleaved_seconds(runs, torch.device("cpu"), warmup=2, repeats=3)
+    assert calls == list("aabbcc") + list("abc") * 3
+    assert list(seconds) == list("abc") and all(len(s) == 3 and min(s) >= 0 for s in seconds.values())
+
+
+def test_throughput_counts_every_batch_of_every_repeat():
+    forwards = []
+
+    class Counting(torch.nn.Module):
+        def forward(self, x):
+            forwards.append(x.shape[0])
+            return x
+
+    rates = ev.measure_throughput([Counting()], (3, 8, 8), 4, torch.device("cpu"), warmup=1, repeats=3, batches=2)
+    assert forwards == [4] * (1 + 3 * 2) and rates[0] > 0
+
+
 # --------------------------------------------------------------------------- metrics
 
 

@@ -16,9 +16,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -53,14 +52,6 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
-def timed(run: Callable[[], object], device: torch.device) -> float:
-    ev.synchronize(device)
-    start = time.perf_counter()
-    run()
-    ev.synchronize(device)
-    return time.perf_counter() - start
-
-
 @torch.inference_mode()
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
@@ -81,13 +72,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "unreduced batched": lambda: net(images),
         "unreduced one at a time": lambda: [net(image[None]) for image in images],
     }
-    for run in runs.values():
-        for _ in range(args.warmup):
-            run()
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, run in runs.items():
-            seconds[name].append(timed(run, device))
+    seconds = ev.interleaved_seconds(runs, device, args.warmup, args.repeats)
     median = {name: statistics.median(times) for name, times in seconds.items()}
     dtop(images)
     stage = tokenreduce.applied_method(dtop.backbone).record.stage

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -75,17 +74,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = workloads(args, device)
-    for run in runs.values():
-        for _ in range(args.warmup):
-            run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, run in runs.items():
-            ev.synchronize(device)
-            start = time.perf_counter()
-            run()
-            ev.synchronize(device)
-            times[name].append(time.perf_counter() - start)
+    times = ev.interleaved_seconds(runs, device, args.warmup, args.repeats)
     rows = []
     for name, seconds in times.items():
         median = statistics.median(seconds)

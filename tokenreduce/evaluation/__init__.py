@@ -33,8 +33,8 @@ from .probe import (IMAGENETTE_PROBE, AttentionPoolingProbe, default_probe, fit_
 from .report import (README_MARKERS, TABLE_COLUMNS, comparison_rows, describe_timing, format_markdown, format_table,
                      markdown_table, section_markers, write_between_markers, write_markdown, write_results)
 from .settings import COMMAND_LINE_WORDS, Setting, parse_assignments, parse_setting, parse_value, validate_setting
-from .speed import (BLOCK_RANGE, FORWARD_RANGE, MLP_RANGE, PROFILE_PARTS, Phases, measure_throughput,
-                    peak_forward_memory, profile_breakdown, synthetic_input)
+from .speed import (BLOCK_RANGE, FORWARD_RANGE, MLP_RANGE, PROFILE_PARTS, Phases, interleaved_seconds,
+                    measure_throughput, peak_forward_memory, profile_breakdown, synthetic_input)
 
 __all__ = [
     "AMP_DTYPES", "AttentionPoolingProbe", "BLOCK_RANGE", "COMMAND_LINE_WORDS", "DECODE_ERRORS", "DenseImages",
@@ -42,10 +42,10 @@ __all__ = [
     "MapAgreement", "PROFILE_PARTS", "Phases", "README_MARKERS", "SALIENT", "SHOWN_UNREADABLE", "SampleResults",
     "Setting", "TABLE_COLUMNS", "TOPK", "UnreadableImageError", "add_running_arguments", "all_gather_cat",
     "all_gather_lists", "autocast", "barrier", "box_mask", "check_device", "check_positive", "check_running_arguments",
-    "classifier_outputs", "collate_readable", "comparison_rows", "cosine_similarities", "data_config",
-    "default_probe", "describe_timing", "eval_transform", "evaluate", "evaluate_maps", "evenly_spaced",
-    "feature_fidelity", "features_and_logits", "find_unreadable", "fit_attention_probe", "fit_linear_probe",
-    "format_markdown", "format_table", "format_unreadable", "init_distributed", "is_distributed", "load_model",
+    "classifier_outputs", "collate_readable", "comparison_rows", "cosine_similarities", "data_config", "default_probe",
+    "describe_timing", "eval_transform", "evaluate", "evaluate_maps", "evenly_spaced", "feature_fidelity",
+    "features_and_logits", "find_unreadable", "fit_attention_probe", "fit_linear_probe", "format_markdown",
+    "format_table", "format_unreadable", "init_distributed", "interleaved_seconds", "is_distributed", "load_model",
     "load_probe", "make_loader", "map_agreement", "markdown_table", "mass_covered", "measure_throughput",
     "nearest_neighbours", "parse_assignments", "parse_setting", "parse_value", "peak_forward_memory", "prepare_model",
     "profile_breakdown", "rank", "read_image_list", "read_rgb", "run_tool", "section_markers", "shutdown_distributed",

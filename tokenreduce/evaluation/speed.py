@@ -60,6 +60,27 @@ def synthetic_input(input_size: Sequence[int], batch_size: int, device: torch.de
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def interleaved_seconds(runs: dict[Any, Callable[[], object]], device: torch.device, warmup: int = 1,
+                        repeats: int = 5) -> dict[Any, list[float]]:
+    """Seconds of each run in every repeat, after ``warmup`` untimed calls of each.
+
+    The runs are timed in turn within each repeat (a, b, c, a, b, c, ...), so
+    clock boosts, thermal drift and background load hit all of them alike and
+    their ratios stay fair."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    seconds: dict[Any, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            synchronize(device)
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
 @torch.inference_mode()
 def measure_throughput(models: Sequence[nn.Module], input_size: Sequence[int], batch_size: int,
                        device: torch.device, amp: str = "none", channels_last: bool = False,
@@ -68,9 +89,8 @@ def measure_throughput(models: Sequence[nn.Module], input_size: Sequence[int], b
     """Median images/s of each model on synthetic input of ``input_size``
     (``input_sizes``: one per model instead, e.g. models run at different resolutions).
 
-    The models are timed in turn within each repeat (a, b, c, a, b, c, ...), so
-    clock boosts, thermal drift and background load hit all of them alike and
-    the ratios stay fair; the median discards outlier repeats.
+    Timed by :func:`interleaved_seconds` (``batches`` forwards a run); the median
+    discards outlier repeats.
     """
     if warmup < 0 or min(repeats, batches, batch_size) < 1:
         raise ValueError("throughput needs batch_size, repeats and batches >= 1 and warmup >= 0")
@@ -78,20 +98,19 @@ def measure_throughput(models: Sequence[nn.Module], input_size: Sequence[int], b
         raise ValueError(f"input_sizes has {len(input_sizes)} entries for {len(models)} models")
     sizes = [tuple(s) for s in input_sizes] if input_sizes is not None else [tuple(input_size)] * len(models)
     inputs = {size: synthetic_input(size, batch_size, device, channels_last) for size in set(sizes)}
-    rates: list[list[float]] = [[] for _ in models]
     with autocast(device, amp):
         for model, size in zip(models, sizes):
             for _ in range(warmup):
                 model(inputs[size])
-        for _ in range(repeats):
-            for m, model in enumerate(models):
-                x = inputs[sizes[m]]
-                synchronize(device)
-                start = time.perf_counter()
+        def batches_of(model: nn.Module, x: Tensor) -> Callable[[], None]:
+            def run() -> None:
                 for _ in range(batches):
                     model(x)
-                synchronize(device)
-                rates[m].append(batches * batch_size / (time.perf_counter() - start))
+            return run
+
+        runs = {m: batches_of(model, inputs[size]) for m, (model, size) in enumerate(zip(models, sizes))}
+        seconds = interleaved_seconds(runs, device, warmup=0, repeats=repeats)
+    rates = [[batches * batch_size / s for s in seconds[m]] for m in range(len(models))]
     return [statistics.median(r) for r in rates]
 
 
