@@ -69,6 +69,7 @@ class ExitHead(nn.Module):
 
 def save_heads(path: Path, heads: Sequence[ExitHead], exit_after: Sequence[int], info: dict) -> None:
     """Heads and the blocks they follow in one safetensors file (``info`` as metadata)."""
+    path = Path(path)
     if len(heads) != len(exit_after):
         raise ValueError(f"{len(heads)} heads for exit_after={list(exit_after)}: give one head per block")
     tensors = {f"{i}.{name}": value.detach().contiguous() for i, head in enumerate(heads)
